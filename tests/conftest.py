@@ -1,0 +1,6 @@
+import os
+
+# Set before Ray, MLflow or torch start anywhere in the test session.
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
