@@ -1,0 +1,174 @@
+"""Per-worker streams over webdataset tar shards, for distributed training.
+
+Each epoch the shard list is permuted with a seed, and worker ``rank`` of ``world`` takes every
+``world``-th shard of that order. The workers' sets are disjoint, and together they cover every
+sample once per epoch. Inside a shard the sample order is shuffled with a seed. So the stream is
+a pure function of (seed, rank, world, epoch): its position is (epoch, shard, offset), a resumed
+run continues it exactly, and a different worker count gives a different stream.
+
+Samples are tar members grouped by key (``KEY.png``, ``KEY.cls``). A truncated tar, a member
+that does not decode as an image, or a sample without an image is skipped and counted in
+``StreamStats``. Training never stops for it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import tarfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+log = logging.getLogger(__name__)
+MANIFEST = "manifest.parquet"
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    root: Path
+    shards: tuple[str, ...]  # paths relative to root
+    counts: tuple[int, ...]
+    resolution: int
+    channels: int
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.resolution, self.resolution)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts)
+
+
+def open_shard_set(path: str | Path) -> ShardSet:
+    """Read a shard directory's ``manifest.parquet`` (or the manifest file itself)."""
+    path = Path(path)
+    manifest = path / MANIFEST if path.is_dir() else path
+    if not path.exists():
+        raise FileNotFoundError(f"data path does not exist: {path}")
+    if not manifest.is_file():
+        raise FileNotFoundError(
+            f"no {MANIFEST} in {path}: prepare the data with datasets/prepare.py first")
+    table = pq.read_table(manifest)
+    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+    rows = table.to_pylist()
+    if not rows:
+        raise ValueError(f"manifest {manifest} lists no shards")
+    return ShardSet(manifest.parent, tuple(r["shard"] for r in rows),
+                    tuple(int(r["count"]) for r in rows), int(json.loads(meta["resolution"])),
+                    int(json.loads(meta["channels"])))
+
+
+@dataclass
+class StreamStats:
+    samples: int = 0
+    skipped: int = 0
+    reasons: dict = field(default_factory=dict)
+
+    def skip(self, where: str, why: str):
+        self.skipped += 1
+        if len(self.reasons) < 100:
+            self.reasons[where] = why
+        log.warning("skipped %s: %s", where, why)
+
+
+def _shard_samples(path: Path, stats: StreamStats) -> list[tuple[str, dict[str, bytes]]]:
+    """All samples of one tar shard as (key, {ext: bytes}), in tar order; a truncated tail is
+    counted as one skip and the intact samples before it are kept."""
+    groups: dict[str, dict[str, bytes]] = {}
+    try:
+        with tarfile.open(path, "r") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, _, ext = member.name.partition(".")
+                groups.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    except (tarfile.TarError, EOFError, OSError) as err:
+        stats.skip(f"{path.name} (after {len(groups)} samples)", f"unreadable tar: {err}")
+    return list(groups.items())
+
+
+def decode_image(data: bytes, channels: int) -> torch.Tensor:
+    """PNG/JPEG bytes -> float tensor (C, H, W) in [-1, 1]."""
+    with Image.open(io.BytesIO(data)) as img:
+        img = img.convert("L" if channels == 1 else "RGB")
+        arr = np.asarray(img, dtype=np.uint8)
+    if arr.ndim == 2:
+        arr = arr[None]
+    else:
+        arr = arr.transpose(2, 0, 1)
+    return torch.from_numpy(arr.copy()).float().div_(127.5).sub_(1.0)
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
+
+
+def epoch_shards(n_shards: int, epoch: int, seed: int, rank: int, world: int) -> list[int]:
+    order = np.random.default_rng(_seed(seed, epoch)).permutation(n_shards)
+    return [int(i) for i in order[rank::world]]
+
+
+class ShardStream:
+    """Infinite stream of (image, key) for one worker; ``position`` resumes it exactly."""
+
+    def __init__(self, shard_set: ShardSet, rank: int, world: int, seed: int,
+                 hflip: bool = False, position: Optional[dict] = None):
+        if len(shard_set.shards) < world:
+            raise ValueError(
+                f"{len(shard_set.shards)} shards cannot feed {world} workers disjointly: "
+                f"re-shard with a smaller --shard-size")
+        self.shards, self.rank, self.world, self.seed = shard_set, rank, world, seed
+        self.hflip = hflip
+        self.stats = StreamStats()
+        self.position = dict(position or {"epoch": 0, "shard": 0, "offset": 0})
+
+    def samples(self) -> Iterator[tuple[torch.Tensor, str]]:
+        """Yields (image, key); ``position`` always points at the next sample to read."""
+        pos = self.position
+        while True:
+            mine = epoch_shards(len(self.shards.shards), pos["epoch"], self.seed, self.rank, self.world)
+            while pos["shard"] < len(mine):
+                index = mine[pos["shard"]]
+                path = self.shards.root / self.shards.shards[index]
+                samples = _shard_samples(path, self.stats)
+                order = np.random.default_rng(_seed(self.seed, pos["epoch"], index)).permutation(len(samples))
+                while pos["offset"] < len(order):
+                    key, members = samples[order[pos["offset"]]]
+                    pos["offset"] += 1
+                    image = self._decode(key, members)
+                    if image is not None:
+                        self.stats.samples += 1
+                        yield image, key
+                pos["shard"], pos["offset"] = pos["shard"] + 1, 0
+            pos["epoch"], pos["shard"] = pos["epoch"] + 1, 0
+
+    def _decode(self, key: str, members: dict[str, bytes]) -> Optional[torch.Tensor]:
+        data = members.get("png") or members.get("jpg") or members.get("webp")
+        if data is None:
+            self.stats.skip(key, f"no image member (has: {', '.join(sorted(members)) or 'nothing'})")
+            return None
+        try:
+            image = decode_image(data, self.shards.channels)
+        except Exception as err:  # PIL raises many types for corrupt data
+            self.stats.skip(key, f"undecodable image: {err}")
+            return None
+        if tuple(image.shape) != self.shards.shape:
+            self.stats.skip(key, f"image shape {tuple(image.shape)} != {self.shards.shape}")
+            return None
+        if self.hflip and _seed(self.seed, self.position["epoch"], zlib.crc32(key.encode())) & 1:
+            image = image.flip(-1)
+        return image
+
+    def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+        it = self.samples()
+        while True:
+            yield torch.stack([next(it)[0] for _ in range(batch_size)])

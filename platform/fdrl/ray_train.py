@@ -1,0 +1,262 @@
+"""Distributed FDRL on Ray Train: ``train_loop_per_worker`` runs on every worker and calls the core
+``train.train_step``; ``run_training`` is the launcher (prior fit, MLflow run, TorchTrainer).
+
+* Each worker streams its own disjoint shards (``data.ShardStream``) and flows its own prior batch
+  through the plain module. Only the update's backward all-reduces gradients (DDP: gloo or NCCL).
+* Every ``checkpoint_every`` steps rank 0 writes model, EMA, optimizer, scheduler, step, config
+  and every rank's RNG states and data position (gathered over the process group). Ray keeps it.
+  A restart after a worker failure, and ``--resume``, continue from the latest one exactly.
+* Rank 0 logs metrics and sample grids to MLflow. The launcher owns the run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .data import ShardStream, open_shard_set
+from .divergences import get_pairing
+from .images import save_grid
+from .networks import build_network
+from .priors import check_prior_shape, load_prior, make_simple_prior
+from .train import FlowParams, make_state, sample, train_step
+
+RUN_INFO = "fdrl_run.json"  # in the run directory: the MLflow run id, for --resume
+
+
+def _rank_state(generator: torch.Generator, stream: ShardStream) -> dict:
+    return {"generator": generator.get_state(), "torch": torch.get_rng_state(),
+            "position": dict(stream.position)}
+
+
+def _gather(obj, world: int) -> list:
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _load_prior(cfg: TrainConfig, shape):
+    if cfg.prior_path:
+        prior = load_prior(cfg.prior_path)
+    else:
+        prior = make_simple_prior(cfg.prior, shape, clamp=1.0)
+    check_prior_shape(prior, shape)
+    return prior
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    from .tracking import Tracker
+
+    cfg = TrainConfig.from_dict(config)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(cfg.threads)
+    device = ray.train.torch.get_device()
+    run_dir = Path(cfg.storage) / cfg.run_name
+
+    shard_set = open_shard_set(cfg.data)
+    prior = _load_prior(cfg, shard_set.shape).to(device)
+    pairing = get_pairing(cfg.pairing)
+    flow_params = FlowParams(cfg.flow_steps, cfg.eta, cfg.nu)
+
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    module = build_network(cfg.arch).to(device)
+    model = module
+    if world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
+    state = make_state(model, cfg.lr, (cfg.beta1, cfg.beta2), cfg.decay_steps, module=module)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank)
+
+    position = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            _, rank_states = load_checkpoint(d, state, device)
+        if len(rank_states) != world:
+            raise ValueError(f"checkpoint was written by {len(rank_states)} workers, this run has "
+                             f"{world}: resume with --workers {len(rank_states)}")
+        mine = rank_states[rank]
+        generator.set_state(mine["generator"])
+        torch.set_rng_state(mine["torch"])
+        position = mine["position"]
+        print(f"[rank {rank}] resumed at step {state.step}, data position {position}")
+
+    stream = ShardStream(shard_set, rank, world, cfg.seed, cfg.hflip, position)
+    batches = stream.batches(cfg.batch // world)
+    tracker = Tracker(cfg.experiment, run_id=cfg.mlflow_run_id or None,
+                      tracking_uri=cfg.tracking_uri or None,
+                      enabled=rank == 0 and bool(cfg.mlflow_run_id))
+
+    window_start, window_steps = time.perf_counter(), 0
+    while state.step < cfg.steps:
+        step_start = time.perf_counter()
+        data = next(batches).to(device)
+        _maybe_inject_failure(cfg, state.step, run_dir)
+        metrics = train_step(state, data, prior, pairing, flow_params, generator,
+                             cfg.dequant, cfg.ema)
+        window_steps += 1
+        step = state.step
+        final = step == cfg.steps
+        if step % cfg.log_every and step % cfg.checkpoint_every and not final:
+            continue
+        elapsed = time.perf_counter() - window_start
+        metrics.update(step=step, step_time=elapsed / window_steps,
+                       images_per_s=window_steps * cfg.batch / elapsed,
+                       last_step_time=time.perf_counter() - step_start,
+                       skipped_samples=stream.stats.skipped)
+        window_start, window_steps = time.perf_counter(), 0
+        tracker.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step)
+
+        if step % cfg.sample_every == 0 or final:
+            grid = _sample_grid(cfg, state, prior, pairing, flow_params, device, run_dir, rank)
+            if grid is not None:
+                tracker.log_artifact(grid, "samples")
+        if step % cfg.checkpoint_every == 0 or final:
+            rank_states = _gather(_rank_state(generator, stream), world)
+            with tempfile.TemporaryDirectory() as tmp:
+                ckpt = None
+                if rank == 0:
+                    save_checkpoint(tmp, state, cfg.to_dict(), rank_states)
+                    ckpt = ray.train.Checkpoint.from_directory(tmp)
+                ray.train.report(metrics, checkpoint=ckpt)
+        else:
+            ray.train.report(metrics)
+        if rank == 0:
+            print(f"step {step:6d} loss {metrics['loss']:+.4f} log r data {metrics['log_r_data']:+.3f} "
+                  f"flowed {metrics['log_r_flowed']:+.3f} {metrics['images_per_s']:.1f} img/s", flush=True)
+
+
+def _sample_grid(cfg, state, prior, pairing, flow_params, device, run_dir, rank):
+    """EMA samples with K + kappa flow steps, seeded by the step so grids are comparable."""
+    if rank != 0:
+        return None
+    gen = torch.Generator(device=device).manual_seed(cfg.seed + 12345)
+    x = sample(state.ema, prior, pairing, cfg.grid_size, flow_params, cfg.extra_steps, gen, device)
+    return save_grid(x, run_dir / "samples" / f"step_{state.step:07d}.png")
+
+
+def _maybe_inject_failure(cfg: TrainConfig, step: int, run_dir: Path) -> None:
+    """Testing aid for FailureConfig: fail once at ``fail_at_step`` (a marker file makes it once)."""
+    if step != cfg.fail_at_step:
+        return
+    marker = run_dir / f"injected_failure_{step}"
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+    raise RuntimeError(f"injected failure at step {step} (--fail-at-step)")
+
+
+# ---------------------------------------------------------------- launcher (driver side)
+
+
+def _resolve_run_name(cfg: TrainConfig, storage: Path) -> str:
+    if cfg.run_name:
+        return cfg.run_name
+    if cfg.resume:
+        runs = sorted((p for p in storage.glob(f"{cfg.dataset}-*") if (p / RUN_INFO).exists()),
+                      key=lambda p: p.stat().st_mtime)
+        if not runs:
+            raise FileNotFoundError(f"--resume: no run of {cfg.dataset!r} under {storage}")
+        return runs[-1].name
+    return f"{cfg.dataset}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def _ensure_prior(cfg: TrainConfig, shard_set, storage: Path) -> str:
+    """Fit the data-dependent prior once per dataset manifest; returns its path ('' if none)."""
+    if cfg.prior_path or cfg.prior not in ("full", "lowrank"):
+        return cfg.prior_path
+    from .prior_fit import fit_prior_distributed
+    from .shards import manifest_hash
+
+    path = storage / "priors" / f"{manifest_hash(shard_set.root)[:16]}-{cfg.prior}-{cfg.prior_rank}.safetensors"
+    if path.exists():
+        print(f"prior: reusing {path}")
+        return str(path)
+    prior, seconds = fit_prior_distributed(shard_set, cfg.prior, rank=cfg.prior_rank, seed=cfg.seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prior.save(path)
+    print(f"prior: fitted {cfg.prior} Gaussian on {prior.count} images in {seconds:.1f} s -> {path}")
+    return str(path)
+
+
+def run_training(cfg: TrainConfig):
+    """Fit the prior if needed, open the MLflow run, train with a TorchTrainer; returns the Result."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from .shards import manifest_hash
+    from .tracking import Tracker, default_tracking_uri, git_commit
+
+    cfg.validate()
+    # Resolved here: workers run in other directories, where the sqlite default would differ.
+    cfg.tracking_uri = cfg.tracking_uri or default_tracking_uri()
+    shard_set = open_shard_set(cfg.data)  # a missing path fails here, on the driver, by name
+    storage = Path(cfg.storage).resolve()
+    cfg.storage = str(storage)
+    cfg.data = str(Path(cfg.data).resolve())
+    if not ray.is_initialized():
+        ray.init()
+    cfg.prior_path = _ensure_prior(cfg, shard_set, storage)
+    check_prior_shape(_load_prior(cfg, shard_set.shape), shard_set.shape)
+    cfg.run_name = _resolve_run_name(cfg, storage)
+    run_dir = storage / cfg.run_name
+    info_path = run_dir / RUN_INFO
+    previous = json.loads(info_path.read_text()) if cfg.resume and info_path.exists() else {}
+
+    tracker = Tracker(cfg.experiment, run_name=cfg.run_name, tracking_uri=cfg.tracking_uri or None,
+                      run_id=previous.get("mlflow_run_id"))
+    cfg.mlflow_run_id = tracker.run_id or ""
+    if not previous:
+        tracker.log_params(cfg.to_dict())
+        tracker.set_tags({"dataset": cfg.dataset, "manifest_hash": manifest_hash(shard_set.root),
+                          "git_commit": git_commit() or "unknown", "pairing": cfg.pairing})
+        if cfg.prior_path:
+            tracker.log_artifact(cfg.prior_path, "prior")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    info_path.write_text(json.dumps({"mlflow_run_id": cfg.mlflow_run_id, "config": cfg.to_dict()}, indent=1))
+
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=cfg.to_dict(),
+        torch_config=TorchConfig(backend="nccl" if cfg.gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu,
+                                     resources_per_worker=None if cfg.gpu else {"CPU": cfg.threads}),
+        run_config=RunConfig(
+            name=cfg.run_name, storage_path=str(storage),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=cfg.max_failures)),
+    )
+    start = time.perf_counter()
+    try:
+        result = trainer.fit()
+    except BaseException:
+        tracker.end("FAILED")
+        raise
+    seconds = time.perf_counter() - start
+    tracker.log_metrics({"train_wall_seconds": seconds}, cfg.steps)
+    if result.checkpoint is not None:
+        tracker.set_tags({"checkpoint_uri": result.checkpoint.path})
+        with result.checkpoint.as_directory() as d:
+            tracker.log_artifact(d, "checkpoint")
+    tracker.end("FINISHED")
+    result.fdrl_wall_seconds = seconds
+    result.fdrl_run_dir = run_dir
+    result.fdrl_config = cfg
+    return result

