@@ -80,9 +80,11 @@ class StreamStats:
         log.warning("skipped %s: %s", where, why)
 
 
-def _shard_samples(path: Path, stats: StreamStats) -> list[tuple[str, dict[str, bytes]]]:
-    """All samples of one tar shard as (key, {ext: bytes}), in tar order; a truncated tail is
-    counted as one skip and the intact samples before it are kept."""
+def _shard_samples(path: Path, stats: StreamStats,
+                   expected: Optional[int] = None) -> list[tuple[str, dict[str, bytes]]]:
+    """All samples of one tar shard as (key, {ext: bytes}), in tar order. A truncated tail is
+    counted as one skip and the intact samples before it are kept. tarfile reads a tar cut inside
+    a header as a clean end, so fewer samples than the manifest's ``expected`` count also skips."""
     groups: dict[str, dict[str, bytes]] = {}
     try:
         with tarfile.open(path, "r") as tar:
@@ -93,6 +95,9 @@ def _shard_samples(path: Path, stats: StreamStats) -> list[tuple[str, dict[str, 
                 groups.setdefault(key, {})[ext] = tar.extractfile(member).read()
     except (tarfile.TarError, EOFError, OSError) as err:
         stats.skip(f"{path.name} (after {len(groups)} samples)", f"unreadable tar: {err}")
+    else:
+        if expected is not None and len(groups) < expected:
+            stats.skip(path.name, f"unreadable tar: truncated, {len(groups)} of {expected} samples")
     return list(groups.items())
 
 
@@ -139,7 +144,7 @@ class ShardStream:
             while pos["shard"] < len(mine):
                 index = mine[pos["shard"]]
                 path = self.shards.root / self.shards.shards[index]
-                samples = _shard_samples(path, self.stats)
+                samples = _shard_samples(path, self.stats, self.shards.counts[index])
                 order = np.random.default_rng(_seed(self.seed, pos["epoch"], index)).permutation(len(samples))
                 while pos["offset"] < len(order):
                     key, members = samples[order[pos["offset"]]]

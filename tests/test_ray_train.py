@@ -1,0 +1,129 @@
+"""Distributed training on a real local Ray cluster, with real shards and a real sqlite MLflow."""
+
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
+
+from fdrl.config import TrainConfig
+from fdrl.priors import make_simple_prior
+
+pytestmark = pytest.mark.timeout(900)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from fdrl.shards import convert
+
+    out = tmp_path_factory.mktemp("mnist") / "shards"
+    convert("mnist", None, out, shard_size=64, limit=256, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("train")
+
+
+def tiny(shards, workdir, **overrides) -> TrainConfig:
+    cfg = dict(data=str(shards), dataset="mnist", arch="mnist32", prior="full", steps=4, batch=8,
+               workers=2, lr=1e-3, decay_steps=[3], flow_steps=2, extra_steps=1, log_every=1,
+               checkpoint_every=2, sample_every=2, grid_size=4, max_failures=1,
+               storage=str(workdir / "runs"), tracking_uri=f"sqlite:///{workdir}/mlflow.db")
+    return TrainConfig(**{**cfg, **overrides})
+
+
+def _final_tensors(result) -> dict[str, torch.Tensor]:
+    d = Path(result.checkpoint.path)
+    tensors = {f"model.{k}": v for k, v in load_file(str(d / "model.safetensors")).items()}
+    tensors.update({f"ema.{k}": v for k, v in load_file(str(d / "ema.safetensors")).items()})
+    state = torch.load(d / "state.pt", weights_only=True)
+    for i, s in state["optimizer"]["state"].items():
+        tensors[f"adam.{i}.exp_avg"] = s["exp_avg"]
+        tensors[f"adam.{i}.exp_avg_sq"] = s["exp_avg_sq"]
+    return tensors
+
+
+def _assert_identical(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    differing = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differing, f"tensors differ after resume: {differing[:5]}"
+
+
+@pytest.fixture(scope="module")
+def straight(ray_cluster, shards, workdir):
+    from fdrl.ray_train import run_training
+
+    return run_training(tiny(shards, workdir, run_name="straight"))
+
+
+def test_straight_run_is_tracked_in_mlflow(straight, workdir):
+    client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+    run = client.get_run(straight.fdrl_config.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["pairing"] == "lsif-chi2" and run.data.params["flow_steps"] == "2"
+    assert len(run.data.tags["manifest_hash"]) == 64 and "git_commit" in run.data.tags
+    losses = client.get_metric_history(run.info.run_id, "loss")
+    assert [m.step for m in losses] == [1, 2, 3, 4]
+    for name in ("log_r_data", "log_r_flowed", "lr", "images_per_s", "step_time"):
+        assert client.get_metric_history(run.info.run_id, name), name
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"samples", "prior", "checkpoint"} <= artifacts
+    grids = [a.path for a in client.list_artifacts(run.info.run_id, "samples")]
+    assert grids == ["samples/step_0000002.png", "samples/step_0000004.png"]
+
+
+def test_resume_gives_identical_parameters(straight, shards, workdir):
+    from fdrl.ray_train import run_training
+
+    run_training(tiny(shards, workdir, run_name="split", steps=2))
+    resumed = run_training(tiny(shards, workdir, run_name="split", steps=4, resume=True))
+    _assert_identical(_final_tensors(straight), _final_tensors(resumed))
+    # The resumed run continues the same MLflow run.
+    client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+    losses = client.get_metric_history(resumed.fdrl_config.mlflow_run_id, "loss")
+    assert sorted(m.step for m in losses) == [1, 2, 3, 4]
+
+
+def test_worker_failure_restarts_from_checkpoint(straight, shards, workdir):
+    from fdrl.ray_train import run_training
+
+    result = run_training(tiny(shards, workdir, run_name="crashy", fail_at_step=3))
+    assert (Path(result.fdrl_run_dir) / "injected_failure_3").exists()
+    _assert_identical(_final_tensors(straight), _final_tensors(result))
+
+
+def test_training_goes_on_when_mlflow_is_unreachable(ray_cluster, shards, workdir):
+    from fdrl.ray_train import run_training
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = run_training(tiny(shards, workdir, run_name="no-mlflow", steps=2,
+                               tracking_uri=f"http://127.0.0.1:{port}"))
+    assert result.checkpoint is not None and result.fdrl_config.mlflow_run_id == ""
+
+
+def test_bad_inputs_get_named_errors(ray_cluster, shards, workdir):
+    from fdrl.ray_train import run_training
+
+    with pytest.raises(FileNotFoundError, match="data path does not exist: .*missing-shards"):
+        run_training(tiny(shards, workdir, data=str(workdir / "missing-shards")))
+    wrong = workdir / "prior-rgb32.safetensors"
+    make_simple_prior("uniform", (3, 32, 32), clamp=1.0).save(wrong)
+    with pytest.raises(ValueError, match=r"prior has shape \(3, 32, 32\) but the data has shape \(1, 32, 32\)"):
+        run_training(tiny(shards, workdir, prior="uniform", prior_path=str(wrong)))
+    with pytest.raises(ValueError, match="unknown pairing 'chi3'"):
+        run_training(tiny(shards, workdir, pairing="chi3"))
