@@ -1,0 +1,74 @@
+"""Weak scaling of distributed FDRL training on CPU: the CIFAR10 architecture (11.4M parameters),
+batch 8 per worker, K = 5, one torch thread per worker, 1 vs 2 Ray Train workers (DDP over gloo).
+
+Prints images/s and step time for each worker count (median over the log windows after the
+first, which holds start-up) and the weak-scaling efficiency = rate(2) / (2 * rate(1)).
+Usage: python benchmarks/scaling.py [--steps 24]"""
+
+import argparse
+import os
+import statistics
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+
+def synthetic_shards(root: Path) -> Path:
+    """Random 32x32 RGB images: compute does not depend on content."""
+    from fdrl.shards import convert
+
+    images = root / "images"
+    images.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(256):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(images / f"{i:04d}.png")
+    convert("folder", images, root / "shards", resolution=32, shard_size=32, progress=False)
+    return root / "shards"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--steps", type=int, default=24)
+    p.add_argument("--log-every", type=int, default=4)
+    args = p.parse_args()
+
+    import ray
+    from mlflow.tracking import MlflowClient
+
+    from fdrl.config import TrainConfig
+    from fdrl.ray_train import run_training
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    tmp = Path(tempfile.mkdtemp(prefix="fdrl-scaling-"))
+    shards = synthetic_shards(tmp)
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    rows = {}
+    for workers in (1, 2):
+        cfg = TrainConfig(data=str(shards), dataset="synthetic", arch="cifar10", prior="uniform",
+                          steps=args.steps, batch=8 * workers, workers=workers, threads=1,
+                          flow_steps=5, extra_steps=0, grid_size=1, log_every=args.log_every,
+                          checkpoint_every=10**9, sample_every=10**9, storage=str(tmp / "runs"),
+                          tracking_uri=uri, run_name=f"w{workers}")
+        result = run_training(cfg)
+        client = MlflowClient(uri)
+        run_id = result.fdrl_config.mlflow_run_id
+        rate = [m.value for m in client.get_metric_history(run_id, "images_per_s")][1:]
+        step_time = [m.value for m in client.get_metric_history(run_id, "step_time")][1:]
+        rows[workers] = (statistics.median(rate), statistics.median(step_time))
+    ray.shutdown()
+    print("\n| workers | global batch | images/s | step time (s) |")
+    print("|---|---|---|---|")
+    for w, (rate, st) in rows.items():
+        print(f"| {w} | {8 * w} | {rate:.2f} | {st:.3f} |")
+    eff = rows[2][0] / (2 * rows[1][0])
+    print(f"\nweak-scaling efficiency (rate(2) / 2 rate(1)): {eff:.2f}")
+
+
+if __name__ == "__main__":
+    main()
