@@ -73,7 +73,9 @@ def _stop_head(head: subprocess.Popen, temp_dir: str) -> None:
             break
         except subprocess.TimeoutExpired:
             continue
-    time.sleep(1)  # let the group's children go
+    deadline = time.monotonic() + 10  # the group's children exit on their own; wait for that
+    while _pids_with(temp_dir) and time.monotonic() < deadline:
+        time.sleep(0.2)
     for pid in _pids_with(temp_dir):
         try:
             os.kill(pid, signal.SIGKILL)
