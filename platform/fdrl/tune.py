@@ -139,7 +139,10 @@ def plot_rows(rows: list[TrialRow], metric: str, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     pairings = sorted({r.params.get("pairing") for r in rows if r.params.get("pairing")}) or ["all"]
-    fig, axes = plt.subplots(2, len(pairings), figsize=(3.2 * len(pairings), 5.5), squeeze=False)
+    fig, axes = plt.subplots(2, len(pairings), figsize=(3.2 * len(pairings), 5.5), squeeze=False,
+                             sharey=True)
+    finite = [r.metric for r in rows if not math.isnan(r.metric)]
+    floor = min(finite, default=0.0)  # failed trials are drawn as crosses on this level
     for col, pairing in enumerate(pairings):
         mine = [r for r in rows if pairing == "all" or r.params.get("pairing") == pairing]
         for row, (field, scale) in enumerate((("eta", "log"), ("flow_steps", "linear"))):
@@ -148,8 +151,8 @@ def plot_rows(rows: list[TrialRow], metric: str, path: Path) -> Path:
             bad = [r for r in mine if math.isnan(r.metric) and r.params.get(field) is not None]
             ax.scatter([r.params[field] for r in ok], [r.metric for r in ok], c="tab:blue", label="trial")
             if bad:
-                lo = min((r.metric for r in ok), default=0.0)
-                ax.scatter([r.params[field] for r in bad], [lo] * len(bad), marker="x", c="tab:red", label="failed")
+                ax.scatter([r.params[field] for r in bad], [floor] * len(bad), marker="x", c="tab:red",
+                           label="failed (no metric)")
             ax.set_xscale(scale)
             ax.set_xlabel("eta" if field == "eta" else "K (flow steps)")
             ax.set_ylabel(metric)
@@ -205,8 +208,13 @@ def run_sweep(base: TrainConfig, spec: dict[str, Any], *, num_samples: int, metr
     base.max_failures = 0  # a diverging trial diverges again: fail it, don't retry it
     base.register = False  # only the best trial is registered, below
     base.storage = str(sweep_dir / "trials")
-    if metric == "kid" and not base.eval_every:
-        base.eval_every = base.log_every
+    if metric == "kid":
+        from .evaluation import ensure_classifier
+        from .shards import manifest_hash
+
+        base.eval_every = base.eval_every or base.log_every
+        base.eval_classifier = base.eval_classifier or ensure_classifier(
+            base.data, sweep_dir.parent, manifest_hash(base.data))
     param_space = {**base.to_dict(), **to_tune_space(spec)}
     trainable = tune.with_resources(run_trial, {"cpu": 0.01})
     tune_path = sweep_dir / "tune"
@@ -216,7 +224,8 @@ def run_sweep(base: TrainConfig, spec: dict[str, Any], *, num_samples: int, metr
         tuner = tune.Tuner(
             trainable, param_space=param_space,
             tune_config=tune.TuneConfig(
-                metric=metric_key, mode="min", num_samples=num_samples,
+                # Tune counts the fixed points within num_samples; ours come on top of the draws.
+                metric=metric_key, mode="min", num_samples=num_samples + len(extra_trials),
                 max_concurrent_trials=max_concurrent,
                 scheduler=ASHAScheduler(time_attr="step", max_t=base.steps, reduction_factor=2,
                                         grace_period=grace_period or max(base.steps // 4, 1)),

@@ -1,0 +1,67 @@
+"""A real 2-trial sweep on a local Ray: two TorchTrainer trials at once on 2 CPUs, one diverging."""
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from fdrl.config import TrainConfig
+
+pytestmark = pytest.mark.timeout(900)
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    import ray
+
+    from fdrl.shards import convert
+    from fdrl.tune import run_sweep
+
+    tmp = tmp_path_factory.mktemp("sweep")
+    shards = tmp / "shards"
+    convert("mnist", None, shards, shard_size=64, limit=256, progress=False)
+    base = TrainConfig(data=str(shards), dataset="mnist", arch="mnist32", prior="full", steps=4,
+                       batch=8, workers=1, flow_steps=2, extra_steps=1, log_every=2,
+                       checkpoint_every=10**9, sample_every=10**9, grid_size=4,
+                       storage=str(tmp / "runs"), tracking_uri=f"sqlite:///{tmp}/mlflow.db")
+    space = {"pairing": {"choice": ["lr-kl"]}, "eta": {"loguniform": [1.0, 3.0]}}
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        rows = run_sweep(base, space, num_samples=1, metric="kl", max_concurrent=2,
+                         extra_trials=[{"pairing": "lr-kl", "eta": 2.0, "lr": 1000.0}],
+                         name="s", register_name="swept")
+    finally:
+        ray.shutdown()
+    return rows, tmp
+
+
+def test_diverging_trial_fails_with_its_reason_and_the_sweep_goes_on(sweep):
+    rows, tmp = sweep
+    assert sorted(r.status for r in rows) == ["failed", "finished"]
+    failed = next(r for r in rows if r.status == "failed")
+    assert "non-finite loss" in failed.error
+    for name in ("results.csv", "results.md", "results.png"):
+        assert (tmp / "runs" / "s" / name).stat().st_size > 0
+    assert "non-finite loss" in (tmp / "runs" / "s" / "results.md").read_text()
+
+
+def test_parent_and_child_runs_are_linked_and_ran_concurrently(sweep):
+    rows, tmp = sweep
+    client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
+    parent = client.search_runs(client.get_experiment_by_name("fdrl").experiment_id,
+                                filter_string="tags.`fdrl.kind` = 'sweep'")[0]
+    children = client.search_runs(parent.info.experiment_id,
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert {c.info.run_id for c in children} == {r.mlflow_run_id for r in rows}
+    assert {c.info.status for c in children} == {"FINISHED", "FAILED"}
+    assert all(c.data.tags.get("pairing") == "lr-kl" and "eta" in c.data.tags for c in children)
+    # Both trials' training runs were open at the same time: no serialisation, no deadlock.
+    a, b = children
+    assert a.info.start_time < b.info.end_time and b.info.start_time < a.info.end_time
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"results.csv", "results.md", "results.png"}
+
+
+def test_best_trial_is_registered_as_candidate(sweep):
+    rows, tmp = sweep
+    client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
+    version = client.get_model_version_by_alias("swept", "candidate")
+    best = next(r for r in rows if r.status == "finished")
+    assert version.run_id == best.mlflow_run_id
