@@ -50,3 +50,66 @@ def ensure_classifier(shard_dir: str | Path, storage: Path, manifest: str, epoch
     print(f"feature classifier: held-out accuracy {result.heldout_accuracy:.4f} "
           f"({result.seconds:.0f} s) -> {folder}")
     return str(folder)
+
+
+# ------------------------------------------------------------------ offline model evaluation
+
+
+def flow_stages(model, n: int, seed: int, extra_steps: int, batch: int = 256) -> dict:
+    """Prior samples, after K steps and after K + kappa steps (one continued flow, so the
+    stages are the same trajectories), and the mean log r at every step: the KL curve."""
+    from .flow import flow
+
+    fp = model.flow_params
+    gen = torch.Generator().manual_seed(seed)
+    stages = {"prior": [], "K": [], "K+kappa": []}
+    curve = torch.zeros(fp.steps + extra_steps + 1)
+    for start in range(0, n, batch):
+        size = min(batch, n - start)
+        x0 = model.prior.sample(size, gen)
+        xk, trace_k = flow(model.net, x0, model.pairing, fp.steps, fp.eta, fp.nu, gen, return_log_r=True)
+        xkk, trace_e = flow(model.net, xk, model.pairing, extra_steps, fp.eta, fp.nu, gen, return_log_r=True)
+        for name, x in (("prior", x0), ("K", xk), ("K+kappa", xkk)):
+            stages[name].append(x)
+        curve += torch.cat([trace_k, trace_e[1:]]) * size
+    return {"samples": {k: torch.cat(v) for k, v in stages.items()}, "kl_curve": (curve / n).tolist()}
+
+
+def stage_metrics(features, samples: dict, real_a: torch.Tensor, real_b: torch.Tensor,
+                  seed: int = 0) -> dict[str, dict]:
+    """Domain FD/KID/precision/recall of each stage against real_a, plus real_b vs real_a."""
+    from .metrics import feature_metrics
+
+    kid_size = min(1000, len(real_a))
+    out = {}
+    for name, x in {**samples, "real (baseline)": real_b}.items():
+        out[name] = feature_metrics(features, x.split(256), real_a.split(256),
+                                    kid_subsets=50, kid_subset_size=kid_size, seed=seed)
+    return out
+
+
+@torch.no_grad()
+def nearest_neighbours(queries: torch.Tensor, train: torch.Tensor, features, k: int = 5) -> dict:
+    """Indices of the k nearest training images of each query, in pixel and in feature space."""
+    def knn(q, t):
+        return torch.cdist(q.flatten(1), t.flatten(1)).topk(k, largest=False).indices
+
+    train_feats = torch.cat([features(b) for b in train.split(512)])
+    return {"pixel": knn(queries, train), "feature": knn(features(queries), train_feats)}
+
+
+def interpolation(model, rows: int, cols: int, seed: int, extra_steps: int) -> torch.Tensor:
+    """Prior-space interpolation: between pairs of prior draws along the variance-preserving path
+    mu + cos(t) (a - mu) + sin(t) (b - mu), t in [0, pi/2], each point flowed K + kappa steps
+    without noise, so neighbouring images differ only by where they started."""
+    from .flow import flow
+
+    gen = torch.Generator().manual_seed(seed)
+    a, b = model.prior.sample(rows, gen), model.prior.sample(rows, gen)
+    mean = getattr(model.prior, "mean", None)
+    mu = mean.reshape(a.shape[1:]) if mean is not None else torch.zeros(a.shape[1:])
+    t = torch.linspace(0, torch.pi / 2, cols)
+    path = torch.stack([mu + torch.cos(s) * (a - mu) + torch.sin(s) * (b - mu) for s in t], dim=1)
+    flat = path.reshape(rows * cols, *a.shape[1:])
+    fp = model.flow_params
+    return flow(model.net, flat, model.pairing, fp.steps + extra_steps, fp.eta, 0.0)
