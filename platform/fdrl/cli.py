@@ -61,6 +61,7 @@ def train_main(preset: TrainConfig, description: str, argv=None,
     print(f"MLflow run:            {result.fdrl_config.mlflow_run_id}")
     print(f"final sample grid:     {grids[-1] if grids else 'none'}")
     print(f"final checkpoint:      {result.checkpoint.path if result.checkpoint else 'none'}")
+    print(f"registered model:      {getattr(result, 'fdrl_model_uri', None) or 'none'}")
     uri = cfg.tracking_uri or default_tracking_uri()
     print(f"open the MLflow UI:    mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
     return 0

@@ -52,9 +52,15 @@ class TrainConfig:
     run_name: str = ""  # empty: <dataset>-<timestamp>
     resume: bool = False  # continue run_name (or the latest run) from its last checkpoint
     experiment: str = "fdrl"  # MLflow experiment
+    register: bool = True  # register the final EMA model (sweeps register only their best trial)
+    register_name: str = ""  # registered model name for the final checkpoint; empty: fdrl-<dataset>
     tracking_uri: str = ""  # empty: MLFLOW_TRACKING_URI or sqlite under the working directory
     fail_at_step: int = -1  # testing aid: worker raises once at this step (fault tolerance)
     mlflow_run_id: str = ""  # set by the launcher; rank 0 logs into this run
+    mlflow_parent_run_id: str = ""  # set by sweeps: the trial's run is nested under the sweep's
+    eval_every: int = 0  # steps between domain-feature KID evaluations, at report steps (0: off)
+    eval_samples: int = 256  # EMA samples and real images per KID evaluation
+    eval_classifier: str = ""  # feature classifier: a folder or models:/NAME@ALIAS
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

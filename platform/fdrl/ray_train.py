@@ -17,6 +17,7 @@ import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -102,6 +103,14 @@ def train_loop_per_worker(config: dict) -> None:
                       tracking_uri=cfg.tracking_uri or None,
                       enabled=rank == 0 and bool(cfg.mlflow_run_id))
 
+    evaluator = None
+    if rank == 0 and cfg.eval_every:
+        from .evaluation import DomainKID
+
+        evaluator = DomainKID(cfg.eval_classifier, shard_set, cfg.eval_samples, cfg.seed, device,
+                              cfg.tracking_uri or None)
+    last_kid = None
+
     window_start, window_steps = time.perf_counter(), 0
     while state.step < cfg.steps:
         step_start = time.perf_counter()
@@ -120,6 +129,10 @@ def train_loop_per_worker(config: dict) -> None:
                        last_step_time=time.perf_counter() - step_start,
                        skipped_samples=stream.stats.skipped)
         window_start, window_steps = time.perf_counter(), 0
+        if evaluator is not None and (step % cfg.eval_every == 0 or final or last_kid is None):
+            last_kid = evaluator(state.ema, prior, pairing, flow_params, cfg.extra_steps)
+        if last_kid is not None:
+            metrics["kid"] = last_kid  # every report carries it, for ASHA
         tracker.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step)
 
         if step % cfg.sample_every == 0 or final:
@@ -177,7 +190,7 @@ def _resolve_run_name(cfg: TrainConfig, storage: Path) -> str:
     return f"{cfg.dataset}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
-def _ensure_prior(cfg: TrainConfig, shard_set, storage: Path) -> str:
+def ensure_prior(cfg: TrainConfig, shard_set, storage: Path) -> str:
     """Fit the data-dependent prior once per dataset manifest; returns its path ('' if none)."""
     if cfg.prior_path or cfg.prior not in ("full", "lowrank"):
         return cfg.prior_path
@@ -195,8 +208,9 @@ def _ensure_prior(cfg: TrainConfig, shard_set, storage: Path) -> str:
     return str(path)
 
 
-def run_training(cfg: TrainConfig):
-    """Fit the prior if needed, open the MLflow run, train with a TorchTrainer; returns the Result."""
+def run_training(cfg: TrainConfig, callbacks: Optional[list] = None):
+    """Fit the prior if needed, open the MLflow run, train with a TorchTrainer; returns the Result.
+    ``callbacks``: Ray Train user callbacks, e.g. Tune's report callback in a sweep trial."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -213,7 +227,7 @@ def run_training(cfg: TrainConfig):
     cfg.data = str(Path(cfg.data).resolve())
     if not ray.is_initialized():
         ray.init()
-    cfg.prior_path = _ensure_prior(cfg, shard_set, storage)
+    cfg.prior_path = ensure_prior(cfg, shard_set, storage)
     check_prior_shape(_load_prior(cfg, shard_set.shape), shard_set.shape)
     cfg.run_name = _resolve_run_name(cfg, storage)
     run_dir = storage / cfg.run_name
@@ -221,12 +235,14 @@ def run_training(cfg: TrainConfig):
     previous = json.loads(info_path.read_text()) if cfg.resume and info_path.exists() else {}
 
     tracker = Tracker(cfg.experiment, run_name=cfg.run_name, tracking_uri=cfg.tracking_uri or None,
-                      run_id=previous.get("mlflow_run_id"))
+                      run_id=previous.get("mlflow_run_id"),
+                      parent_run_id=cfg.mlflow_parent_run_id or None)
     cfg.mlflow_run_id = tracker.run_id or ""
     if not previous:
         tracker.log_params(cfg.to_dict())
         tracker.set_tags({"dataset": cfg.dataset, "manifest_hash": manifest_hash(shard_set.root),
-                          "git_commit": git_commit() or "unknown", "pairing": cfg.pairing})
+                          "git_commit": git_commit() or "unknown", "pairing": cfg.pairing,
+                          "eta": cfg.eta, "flow_steps": cfg.flow_steps, "nu": cfg.nu, "lr": cfg.lr})
         if cfg.prior_path:
             tracker.log_artifact(cfg.prior_path, "prior")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -241,7 +257,7 @@ def run_training(cfg: TrainConfig):
         run_config=RunConfig(
             name=cfg.run_name, storage_path=str(storage),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-            failure_config=FailureConfig(max_failures=cfg.max_failures)),
+            failure_config=FailureConfig(max_failures=cfg.max_failures), callbacks=callbacks),
     )
     start = time.perf_counter()
     try:
@@ -251,10 +267,15 @@ def run_training(cfg: TrainConfig):
         raise
     seconds = time.perf_counter() - start
     tracker.log_metrics({"train_wall_seconds": seconds}, cfg.steps)
+    result.fdrl_model_uri = None  # models:/NAME@candidate once registered
     if result.checkpoint is not None:
         tracker.set_tags({"checkpoint_uri": result.checkpoint.path})
         with result.checkpoint.as_directory() as d:
             tracker.log_artifact(d, "checkpoint")
+            if tracker.run_id and cfg.register:  # MLflow reachable: register the EMA model (warns, never raises)
+                from .registry import register_trained
+
+                result.fdrl_model_uri = register_trained(cfg, d)
     tracker.end("FINISHED")
     result.fdrl_wall_seconds = seconds
     result.fdrl_run_dir = run_dir

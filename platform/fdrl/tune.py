@@ -226,10 +226,12 @@ def run_sweep(base: TrainConfig, spec: dict[str, Any], *, num_samples: int, metr
             tune_config=tune.TuneConfig(
                 # Tune counts the fixed points within num_samples; ours come on top of the draws.
                 metric=metric_key, mode="min", num_samples=num_samples + len(extra_trials),
-                max_concurrent_trials=max_concurrent,
                 scheduler=ASHAScheduler(time_attr="step", max_t=base.steps, reduction_factor=2,
                                         grace_period=grace_period or max(base.steps // 4, 1)),
-                search_alg=BasicVariantGenerator(points_to_evaluate=list(extra_trials) or None)),
+                # The limit belongs to the generator: Tune ignores max_concurrent_trials when a
+                # search algorithm is passed in, and would start every trial at once.
+                search_alg=BasicVariantGenerator(points_to_evaluate=list(extra_trials) or None,
+                                                 max_concurrent=max_concurrent)),
             run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir)))
     grid = tuner.fit()
 

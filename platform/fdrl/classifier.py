@@ -1,0 +1,350 @@
+"""A small CNN digit classifier for the MNIST-5k shards: a domain feature network for metrics.
+
+``MnistClassifier.features(x)`` gives the penultimate activations (128-d by default), the
+feature space of :func:`fdrl.metrics.feature_metrics` (a Fréchet distance / KID for digits that
+needs no Inception weights). Training uses a deterministic 90/10 split by sample key hash.
+
+Registered in MLflow as plain files, never pickles: ``model.safetensors`` (the weights) and
+``config.json`` (architecture, data, accuracy) are artifacts of a run, and a model version of
+the registered model points at that artifact folder. ``load_classifier`` reads them back from a
+local folder, a ``runs:/`` URI or a ``models:/NAME/VERSION`` / ``models:/NAME@ALIAS`` URI.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+ARTIFACT_DIR = "classifier"
+DEFAULT_NAME = "fdrl-mnist-classifier"
+DEFAULT_EXPERIMENT = "fdrl-classifiers"
+
+
+# ------------------------------------------------------------------------------------- data
+
+
+def strided_subset(n_total: int, n: int) -> torch.Tensor:
+    """``n`` evenly spaced indices of ``range(n_total)``: a class-balanced subset of shards that
+    are sorted by label (MNIST-5k holds 500 digits of each class in order)."""
+    n = min(n, n_total)
+    return torch.arange(n) * n_total // n
+
+
+def heldout_key(key: str, percent: int = 10) -> bool:
+    """Deterministic split: a sample is held out when crc32(key) % 100 < percent."""
+    return zlib.crc32(key.encode()) % 100 < percent
+
+
+def load_labeled(root: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """All labelled samples of a shard set, in manifest order: images (N, C, H, W) in [-1, 1],
+    labels (N,) int64 from each sample's ``.cls`` member, and keys. Samples without a label or
+    with an unreadable image are skipped (and logged), as in training."""
+    from .data import StreamStats, _shard_samples, decode_image, open_shard_set
+
+    shards = open_shard_set(root)
+    stats = StreamStats()
+    images, labels, keys = [], [], []
+    for name, count in zip(shards.shards, shards.counts):
+        for key, members in _shard_samples(shards.root / name, stats, count):
+            data = members.get("png") or members.get("jpg") or members.get("webp")
+            if data is None or "cls" not in members:
+                stats.skip(key, "no image or no .cls label member")
+                continue
+            try:
+                image = decode_image(data, shards.channels)
+                label = int(members["cls"].decode().strip())
+            except Exception as err:  # corrupt image or label text
+                stats.skip(key, f"undecodable sample: {err}")
+                continue
+            if tuple(image.shape) != shards.shape:
+                stats.skip(key, f"image shape {tuple(image.shape)} != {shards.shape}")
+                continue
+            images.append(image)
+            labels.append(label)
+            keys.append(key)
+    if not images:
+        raise ValueError(f"no labelled samples in {root} (the classifier needs .cls members)")
+    return torch.stack(images), torch.tensor(labels, dtype=torch.int64), keys
+
+
+# ------------------------------------------------------------------------------------ model
+
+
+@dataclass
+class ClassifierConfig:
+    in_shape: tuple[int, int, int] = (1, 32, 32)
+    num_classes: int = 10
+    channels: tuple[int, ...] = (32, 32, 64)  # one conv + 2x2 max-pool stage each
+    feature_dim: int = 128
+    dropout: float = 0.3
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ClassifierConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        d = {k: v for k, v in d.items() if k in known}
+        for k in ("in_shape", "channels"):
+            if k in d:
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+
+class MnistClassifier(nn.Module):
+    """conv3x3-ReLU-maxpool stages -> flatten -> dense ``feature_dim`` + ReLU (the features)
+    -> dropout -> dense ``num_classes`` (logits). No batch norm: outputs depend on the input only."""
+
+    def __init__(self, config: Optional[ClassifierConfig] = None):
+        super().__init__()
+        self.config = config = config or ClassifierConfig()
+        c, h, w = config.in_shape
+        layers: list[nn.Module] = []
+        for out in config.channels:
+            layers += [nn.Conv2d(c, out, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+            c, h, w = out, h // 2, w // 2
+        self.conv = nn.Sequential(*layers)
+        self.fc = nn.Linear(c * h * w, config.feature_dim)
+        self.drop = nn.Dropout(config.dropout)
+        self.head = nn.Linear(config.feature_dim, config.num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate activations (N, feature_dim)."""
+        if tuple(x.shape[1:]) != tuple(self.config.in_shape):
+            raise ValueError(f"classifier expects (N, {', '.join(map(str, self.config.in_shape))}) "
+                             f"inputs in [-1, 1], got {tuple(x.shape)}")
+        return F.relu(self.fc(self.conv(x).flatten(1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.drop(self.features(x)))
+
+
+# --------------------------------------------------------------------------------- training
+
+
+def _shift(x: torch.Tensor, generator: torch.Generator, max_shift: int = 2) -> torch.Tensor:
+    """Random translations by up to ``max_shift`` pixels (background -1 fills the border)."""
+    n, _, h, w = x.shape
+    padded = F.pad(x, (max_shift,) * 4, value=-1.0)
+    dy = torch.randint(0, 2 * max_shift + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * max_shift + 1, (n,), generator=generator)
+    rows = (dy[:, None] + torch.arange(h)[None, :])  # n, h
+    cols = (dx[:, None] + torch.arange(w)[None, :])  # n, w
+    idx = torch.arange(n)[:, None, None]
+    # advanced indices around a slice: the result is (n, h, w, c)
+    return padded[idx, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+             batch_size: int = 500) -> float:
+    was_training = model.training
+    model.eval()
+    correct = sum(int((model(images[i:i + batch_size]).argmax(1) == labels[i:i + batch_size]).sum())
+                  for i in range(0, len(images), batch_size))
+    model.train(was_training)
+    return correct / max(len(images), 1)
+
+
+@dataclass
+class TrainResult:
+    model: MnistClassifier
+    heldout_accuracy: float
+    train_accuracy: float
+    seconds: float
+    n_train: int
+    n_heldout: int
+    history: list[dict] = field(default_factory=list)
+
+
+def train_classifier(images: torch.Tensor, labels: torch.Tensor, keys: list[str], *,
+                     epochs: int = 12, batch_size: int = 64, lr: float = 2e-3, seed: int = 0,
+                     config: Optional[ClassifierConfig] = None, augment: bool = True,
+                     log=print) -> TrainResult:
+    """Adam with a cosine learning-rate decay over ``epochs`` on the 90% split, evaluated on the
+    held-out 10% (by key hash) after every epoch."""
+    start = time.perf_counter()
+    held = torch.tensor([heldout_key(k) for k in keys])
+    x_tr, y_tr, x_te, y_te = images[~held], labels[~held], images[held], labels[held]
+    if len(x_tr) == 0 or len(x_te) == 0:
+        raise ValueError(f"the key-hash split left {len(x_tr)} training and {len(x_te)} "
+                         "held-out samples; need some of each")
+    torch.manual_seed(seed)
+    config = config or ClassifierConfig(in_shape=tuple(images.shape[1:]),
+                                        num_classes=max(10, int(labels.max()) + 1))
+    model = MnistClassifier(config)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    steps_per_epoch = math.ceil(len(x_tr) / batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs * steps_per_epoch, 1))
+    gen = torch.Generator().manual_seed(seed)
+    history = []
+    for epoch in range(epochs):
+        model.train()
+        order = torch.randperm(len(x_tr), generator=gen)
+        total = 0.0
+        for i in range(0, len(order), batch_size):
+            idx = order[i:i + batch_size]
+            x = _shift(x_tr[idx], gen) if augment else x_tr[idx]
+            loss = F.cross_entropy(model(x), y_tr[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss.detach()) * len(idx)
+        acc = accuracy(model, x_te, y_te)
+        history.append({"epoch": epoch + 1, "loss": total / len(x_tr), "heldout_accuracy": acc,
+                        "seconds": time.perf_counter() - start})
+        if log:
+            log(f"epoch {epoch + 1}/{epochs}: loss {total / len(x_tr):.4f}, "
+                f"held-out accuracy {acc:.4f} ({time.perf_counter() - start:.1f} s)")
+    model.eval()
+    return TrainResult(model, history[-1]["heldout_accuracy"] if history else accuracy(model, x_te, y_te),
+                       accuracy(model, x_tr, y_tr), time.perf_counter() - start,
+                       len(x_tr), len(x_te), history)
+
+
+# ----------------------------------------------------------------------- save, load, register
+
+
+def save_classifier(model: MnistClassifier, folder: str | os.PathLike,
+                    extra: Optional[dict] = None) -> Path:
+    """Write ``model.safetensors`` + ``config.json`` (architecture + ``extra`` info) to folder."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": "fdrl-mnist-classifier"})
+    doc = {"architecture": asdict(model.config), **(extra or {})}
+    (folder / CONFIG_FILE).write_text(json.dumps(doc, indent=1))
+    return folder
+
+
+def _download(uri: str, tracking_uri: Optional[str], dst: str) -> Path:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    if uri.startswith("models:/"):
+        spec = uri[len("models:/"):].strip("/")
+        if "@" in spec:
+            name, alias = spec.split("@", 1)
+            version = client.get_model_version_by_alias(name, alias)
+        else:
+            name, _, ver = spec.partition("/")
+            if not ver:
+                raise ValueError(f"{uri}: give models:/NAME/VERSION or models:/NAME@ALIAS")
+            version = client.get_model_version(name, ver)
+        uri = version.source
+    if uri.startswith("runs:/"):
+        run_id, _, path = uri[len("runs:/"):].partition("/")
+        return Path(client.download_artifacts(run_id, path, dst))
+    import mlflow.artifacts
+
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst,
+                                                    tracking_uri=tracking_uri))
+
+
+def load_classifier(uri_or_path: str | os.PathLike,
+                    tracking_uri: Optional[str] = None) -> MnistClassifier:
+    """Load a classifier in eval mode from a folder with model.safetensors + config.json, or from
+    ``models:/NAME/VERSION``, ``models:/NAME@ALIAS``, ``runs:/RUN_ID/classifier`` or an artifact
+    URI (downloaded with MLflow from ``tracking_uri``). Safetensors + JSON only: no unpickling."""
+    from safetensors.torch import load_file
+
+    text = str(uri_or_path)
+    with tempfile.TemporaryDirectory(prefix="fdrl-clf-") as tmp:
+        if Path(text).is_dir():
+            folder = Path(text)
+        elif "://" in text or text.startswith(("models:/", "runs:/")):
+            folder = _download(text, tracking_uri, tmp)
+        else:
+            raise FileNotFoundError(f"classifier not found: {text} (a folder or an MLflow URI)")
+        if not (folder / WEIGHTS_FILE).is_file() or not (folder / CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"{folder} lacks {WEIGHTS_FILE} or {CONFIG_FILE}")
+        doc = json.loads((folder / CONFIG_FILE).read_text())
+        state = load_file(str(folder / WEIGHTS_FILE))
+    model = MnistClassifier(ClassifierConfig.from_dict(doc["architecture"]))
+    model.load_state_dict(state)
+    model.info = {k: v for k, v in doc.items() if k != "architecture"}
+    return model.eval()
+
+
+@dataclass
+class Registration:
+    run_id: str
+    name: str
+    version: str
+    source: str
+
+    @property
+    def model_uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+def register_classifier(result: TrainResult, *, tracking_uri: Optional[str] = None,
+                        name: str = DEFAULT_NAME, experiment: str = DEFAULT_EXPERIMENT,
+                        params: Optional[dict] = None, info: Optional[dict] = None,
+                        run_name: Optional[str] = None) -> Registration:
+    """Log the classifier as run artifacts (safetensors + JSON), its metrics and params, and
+    register a new version of model ``name`` whose source is that artifact folder, tagged with
+    the held-out accuracy. Unlike training trackers, this fails loudly: a registration job whose
+    model did not get registered should not report success."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from .tracking import default_tracking_uri, ensure_experiment, flatten_params, git_commit
+
+    tracking_uri = tracking_uri or default_tracking_uri()
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    experiment_id = ensure_experiment(experiment, tracking_uri)
+    tags = {"fdrl.kind": "classifier"}
+    commit = git_commit(Path(__file__))
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    if info and info.get("manifest_hash"):
+        tags["fdrl.manifest_hash"] = info["manifest_hash"]
+    run = client.create_run(experiment_id, run_name=run_name or name, tags=tags)
+    run_id = run.info.run_id
+    try:
+        for k, v in flatten_params(params or {}).items():
+            client.log_param(run_id, k, v)
+        for h in result.history:
+            client.log_metric(run_id, "heldout_accuracy", h["heldout_accuracy"], step=h["epoch"])
+            client.log_metric(run_id, "train_loss", h["loss"], step=h["epoch"])
+        client.log_metric(run_id, "heldout_accuracy", result.heldout_accuracy,
+                          step=len(result.history))
+        client.log_metric(run_id, "train_accuracy", result.train_accuracy)
+        client.log_metric(run_id, "train_seconds", result.seconds)
+        extra = {"heldout_accuracy": result.heldout_accuracy, "n_train": result.n_train,
+                 "n_heldout": result.n_heldout, "run_id": run_id, **(info or {})}
+        with tempfile.TemporaryDirectory(prefix="fdrl-clf-") as tmp:
+            folder = save_classifier(result.model, Path(tmp) / ARTIFACT_DIR, extra)
+            client.log_artifacts(run_id, str(folder), ARTIFACT_DIR)
+        try:
+            client.create_registered_model(
+                name, description="MNIST-5k digit classifier: penultimate features for metrics")
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{ARTIFACT_DIR}"
+        version = client.create_model_version(
+            name, source, run_id=run_id,
+            tags={"heldout_accuracy": f"{result.heldout_accuracy:.4f}",
+                  "format": "safetensors+json"},
+            description=f"held-out accuracy {result.heldout_accuracy:.4f} on "
+                        f"{result.n_heldout} samples")
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+    return Registration(run_id, name, str(version.version), source)

@@ -1,0 +1,185 @@
+"""Sampling (FDRL Algorithm 2) from a trained model, in chunks that are reproducible on their own.
+
+The N samples are cut into chunks of a fixed size ``batch``; chunk i is drawn with a generator
+seeded from (seed, i) alone. A sample therefore depends on (seed, batch, its index) and the model,
+not on how many workers drew it or in which order the chunks finished: 1 worker and 8 workers give
+the same array (on the same device type, with one torch thread per worker as here).
+
+``sample_local`` draws in this process (the MLflow pyfunc ``predict`` uses it);
+``sample_distributed`` spreads the chunks over Ray actors (one GPU each when the cluster has GPUs,
+else one CPU with one torch thread), keeps every actor busy and advances a tqdm bar as chunks
+finish. Samples are clamped to the image range [-1, 1].
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from .divergences import get_pairing
+from .images import save_grid
+from .networks import build_network
+from .priors import Prior
+from .train import FlowParams, sample
+
+CHUNK = 64  # default chunk size: changing it changes the samples (the seeds are per chunk)
+IN_FLIGHT = 2  # chunks queued per actor, so an actor never idles while its next chunk travels
+
+
+@dataclass(frozen=True)
+class FlowSettings:
+    """Sampling flow: K + kappa steps of size eta with noise nu (defaults: the model's config)."""
+
+    flow_steps: int  # K
+    extra_steps: int  # kappa
+    eta: float
+    nu: float
+
+    @classmethod
+    def from_config(cls, config, **overrides) -> "FlowSettings":
+        base = dict(flow_steps=config.flow_steps, extra_steps=config.extra_steps,
+                    eta=config.eta, nu=config.nu)
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        settings = cls(**base)
+        FlowParams(settings.flow_steps, settings.eta, settings.nu)  # validates K, eta, nu
+        if settings.extra_steps < 0:
+            raise ValueError(f"extra flow steps kappa must be >= 0, got {settings.extra_steps}")
+        return settings
+
+
+def chunk_seed(seed: int, index: int) -> int:
+    """A well-mixed 63-bit seed for chunk ``index`` of a run seeded with ``seed``."""
+    state = np.random.SeedSequence([int(seed), int(index)]).generate_state(2, np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+def chunks(n: int, batch: int) -> list[tuple[int, int, int]]:
+    """(index, start, size) of each chunk; the last one may be short."""
+    if n < 1 or batch < 1:
+        raise ValueError(f"need n >= 1 and batch >= 1, got n={n}, batch={batch}")
+    return [(i, start, min(batch, n - start)) for i, start in enumerate(range(0, n, batch))]
+
+
+def sample_chunk(net: nn.Module, prior: Prior, pairing_name: str, flow: FlowSettings,
+                 seed: int, index: int, size: int, device="cpu") -> np.ndarray:
+    gen = torch.Generator(device=device).manual_seed(chunk_seed(seed, index))
+    x = sample(net, prior, get_pairing(pairing_name), size,
+               FlowParams(flow.flow_steps, flow.eta, flow.nu), flow.extra_steps, gen, device)
+    return x.clamp(-1, 1).float().cpu().numpy()
+
+
+def sample_local(net: nn.Module, prior: Prior, pairing_name: str, flow: FlowSettings, n: int,
+                 seed: int, batch: int = CHUNK, device="cpu") -> np.ndarray:
+    """N samples in this process; the same chunks, hence the same array, as the distributed path."""
+    return np.concatenate([sample_chunk(net, prior, pairing_name, flow, seed, i, size, device)
+                           for i, _, size in chunks(n, batch)])
+
+
+class _SamplerActor:
+    """Holds one copy of the network and prior; draws whole chunks."""
+
+    def __init__(self, arch: str, state: dict, prior: Prior, pairing_name: str,
+                 flow: FlowSettings, use_gpu: bool):
+        if use_gpu:
+            self.device = torch.device("cuda")  # Ray sets CUDA_VISIBLE_DEVICES to this GPU
+            # The flow's input gradients run conv backward kernels; pick deterministic ones.
+            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+        else:
+            self.device = torch.device("cpu")
+            torch.set_num_threads(1)  # one CPU per actor; also keeps CPU results bit-identical
+        self.net = build_network(arch)
+        # torch.tensor copies: arrays from Ray's object store are read-only.
+        self.net.load_state_dict({k: torch.tensor(v) for k, v in state.items()})
+        self.net.to(self.device).eval().requires_grad_(False)
+        self.prior = prior.to(self.device)
+        self.pairing_name, self.flow = pairing_name, flow
+
+    def sample(self, seed: int, index: int, size: int) -> np.ndarray:
+        return sample_chunk(self.net, self.prior, self.pairing_name, self.flow, seed, index, size,
+                            self.device)
+
+
+def sample_distributed(model, n: int, seed: int, workers: int, batch: int = CHUNK,
+                       flow: Optional[FlowSettings] = None, progress: bool = True) -> np.ndarray:
+    """N x C x H x W float32 samples from ``model`` (a ``registry.LoadedModel``) on ``workers``
+    Ray actors. Connects to (or starts) Ray with ``ray.init()`` if it is not initialised."""
+    import ray
+    from tqdm import tqdm
+
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    flow = flow or FlowSettings.from_config(model.config)
+    todo = chunks(n, batch)
+    if not ray.is_initialized():
+        ray.init()
+    use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
+    actor_cls = ray.remote(**({"num_gpus": 1} if use_gpu else {"num_cpus": 1}))(_SamplerActor)
+    state = {k: v.detach().cpu().numpy() for k, v in model.net.state_dict().items()}
+    state_ref, prior_ref = ray.put(state), ray.put(model.prior.to("cpu"))
+    actors = [actor_cls.remote(model.config.arch, state_ref, prior_ref, model.config.pairing,
+                               flow, use_gpu) for _ in range(min(workers, len(todo)))]
+    out = np.empty((n, *model.net.in_shape), np.float32)
+    pending: dict = {}  # object ref -> (actor, start)
+    queue = list(todo)
+
+    def submit(actor):
+        index, start, size = queue.pop(0)
+        pending[actor.sample.remote(seed, index, size)] = (actor, start)
+
+    try:
+        for _ in range(IN_FLIGHT):
+            for actor in actors:
+                if queue:
+                    submit(actor)
+        with tqdm(total=n, unit="img", desc=f"sampling ({len(actors)} workers)",
+                  disable=not progress) as bar:
+            while pending:
+                (ref,), _ = ray.wait(list(pending), num_returns=1)
+                actor, start = pending.pop(ref)
+                x = ray.get(ref)
+                out[start:start + len(x)] = x
+                bar.update(len(x))
+                if queue:
+                    submit(actor)  # the actor that just finished takes the next chunk
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+    return out
+
+
+def save_samples(samples: np.ndarray, out_dir: str | Path, grid: int = 64) -> tuple[Path, Path]:
+    """``out_dir/samples.npy`` (all samples) and ``out_dir/grid.png`` (the first ``grid``)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / "samples.npy", samples)
+    grid_path = save_grid(torch.from_numpy(samples[:grid]), out / "grid.png")
+    return out / "samples.npy", grid_path
+
+
+def sample_to_dir(model_uri: str, n: int, out_dir: str | Path, seed: int = 0, workers: int = 1,
+                  batch: int = CHUNK, tracking_uri: Optional[str] = None,
+                  progress: bool = True, **flow_overrides) -> dict:
+    """What ``jobs/sample.py`` does: load a registered model (hash-checked, no unpickling), sample
+    on Ray, write samples.npy and grid.png. Returns a summary (paths, timing, settings)."""
+    from .registry import load_fdrl_model
+
+    import ray
+
+    model = load_fdrl_model(model_uri, tracking_uri=tracking_uri)
+    flow = FlowSettings.from_config(model.config, **flow_overrides)
+    if not ray.is_initialized():
+        ray.init()  # before the clock: the rate counts actor start-up, not the cluster's
+    start = time.perf_counter()
+    samples = sample_distributed(model, n, seed, workers, batch, flow, progress)
+    seconds = time.perf_counter() - start
+    npy, grid = save_samples(samples, out_dir)
+    return {"model": f"models:/{model.name}/{model.version}", "run_id": model.run_id,
+            "samples": str(npy), "grid": str(grid), "n": n, "seed": seed, "workers": workers,
+            "batch": batch, "flow": asdict(flow), "seconds": seconds,
+            "images_per_s": n / seconds}
