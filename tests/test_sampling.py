@@ -25,15 +25,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def registered(tmp_path_factory):
     """A random mnist32 network with a fitted full prior, registered as fdrl-sampling@candidate."""
     root = tmp_path_factory.mktemp("sampling")
