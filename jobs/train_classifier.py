@@ -33,7 +33,7 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (cosine decay)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--limit", type=int, default=None, help="use N evenly spaced samples (class-balanced: MNIST-5k is sorted by digit)")
+    p.add_argument("--limit", type=int, default=None, help="use N evenly spaced samples of the shard set")
     p.add_argument("--out", type=Path, default=Path("runs/classifier"),
                    help="local copy of the weights + config (and result.json)")
     p.add_argument("--tracking-uri", default=None,

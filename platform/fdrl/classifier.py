@@ -37,8 +37,8 @@ DEFAULT_EXPERIMENT = "fdrl-classifiers"
 
 
 def strided_subset(n_total: int, n: int) -> torch.Tensor:
-    """``n`` evenly spaced indices of ``range(n_total)``: a class-balanced subset of shards that
-    are sorted by label (MNIST-5k holds 500 digits of each class in order)."""
+    """``n`` evenly spaced indices of ``range(n_total)``: a subset spread over every shard, and
+    class-balanced even for a shard set that was written sorted by label."""
     n = min(n, n_total)
     return torch.arange(n) * n_total // n
 
@@ -52,29 +52,19 @@ def load_labeled(root: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor, l
     """All labelled samples of a shard set, in manifest order: images (N, C, H, W) in [-1, 1],
     labels (N,) int64 from each sample's ``.cls`` member, and keys. Samples without a label or
     with an unreadable image are skipped (and logged), as in training."""
-    from .data import StreamStats, _shard_samples, decode_image, open_shard_set
+    from .data import StreamStats, iter_samples, open_shard_set
 
-    shards = open_shard_set(root)
     stats = StreamStats()
     images, labels, keys = [], [], []
-    for name, count in zip(shards.shards, shards.counts):
-        for key, members in _shard_samples(shards.root / name, stats, count):
-            data = members.get("png") or members.get("jpg") or members.get("webp")
-            if data is None or "cls" not in members:
-                stats.skip(key, "no image or no .cls label member")
-                continue
-            try:
-                image = decode_image(data, shards.channels)
-                label = int(members["cls"].decode().strip())
-            except Exception as err:  # corrupt image or label text
-                stats.skip(key, f"undecodable sample: {err}")
-                continue
-            if tuple(image.shape) != shards.shape:
-                stats.skip(key, f"image shape {tuple(image.shape)} != {shards.shape}")
-                continue
-            images.append(image)
-            labels.append(label)
-            keys.append(key)
+    for key, members, image in iter_samples(open_shard_set(root), stats):
+        try:
+            label = int(members["cls"].decode().strip())
+        except (KeyError, ValueError) as err:  # no label member, or not an integer
+            stats.skip(key, f"no usable .cls label: {err!r}")
+            continue
+        images.append(image)
+        labels.append(label)
+        keys.append(key)
     if not images:
         raise ValueError(f"no labelled samples in {root} (the classifier needs .cls members)")
     return torch.stack(images), torch.tensor(labels, dtype=torch.int64), keys

@@ -113,6 +113,37 @@ def decode_image(data: bytes, channels: int) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).float().div_(127.5).sub_(1.0)
 
 
+def decode_sample(key: str, members: dict[str, bytes], shard_set: ShardSet,
+                  stats: StreamStats) -> Optional[torch.Tensor]:
+    """The image of one sample, or None (skipped and counted) when it has no image member, the
+    image does not decode, or its shape is not the shard set's."""
+    data = members.get("png") or members.get("jpg") or members.get("webp")
+    if data is None:
+        stats.skip(key, f"no image member (has: {', '.join(sorted(members)) or 'nothing'})")
+        return None
+    try:
+        image = decode_image(data, shard_set.channels)
+    except Exception as err:  # PIL raises many types for corrupt data
+        stats.skip(key, f"undecodable image: {err}")
+        return None
+    if tuple(image.shape) != shard_set.shape:
+        stats.skip(key, f"image shape {tuple(image.shape)} != {shard_set.shape}")
+        return None
+    return image
+
+
+def iter_samples(shard_set: ShardSet, stats: StreamStats,
+                 shards: Optional[list[str]] = None) -> Iterator[tuple[str, dict, torch.Tensor]]:
+    """(key, members, image) of every decodable sample, shard by shard in manifest order
+    (or over ``shards``, a subset of the manifest's), unshuffled: for fits and evaluation."""
+    counts = dict(zip(shard_set.shards, shard_set.counts))
+    for name in shards if shards is not None else shard_set.shards:
+        for key, members in _shard_samples(shard_set.root / name, stats, counts[name]):
+            image = decode_sample(key, members, shard_set, stats)
+            if image is not None:
+                yield key, members, image
+
+
 def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
 
@@ -157,19 +188,8 @@ class ShardStream:
             pos["epoch"], pos["shard"] = pos["epoch"] + 1, 0
 
     def _decode(self, key: str, members: dict[str, bytes]) -> Optional[torch.Tensor]:
-        data = members.get("png") or members.get("jpg") or members.get("webp")
-        if data is None:
-            self.stats.skip(key, f"no image member (has: {', '.join(sorted(members)) or 'nothing'})")
-            return None
-        try:
-            image = decode_image(data, self.shards.channels)
-        except Exception as err:  # PIL raises many types for corrupt data
-            self.stats.skip(key, f"undecodable image: {err}")
-            return None
-        if tuple(image.shape) != self.shards.shape:
-            self.stats.skip(key, f"image shape {tuple(image.shape)} != {self.shards.shape}")
-            return None
-        if self.hflip and _seed(self.seed, self.position["epoch"], zlib.crc32(key.encode())) & 1:
+        image = decode_sample(key, members, self.shards, self.stats)
+        if image is not None and self.hflip and _seed(self.seed, self.position["epoch"], zlib.crc32(key.encode())) & 1:
             image = image.flip(-1)
         return image
 

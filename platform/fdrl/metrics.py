@@ -242,30 +242,19 @@ def shard_batches(root: str | os.PathLike, batch_size: int = 256,
     """A shard set's images in manifest order as float batches (N, C, H, W) in [-1, 1].
 
     Unreadable samples are skipped (and logged) as in training."""
-    from .data import StreamStats, _shard_samples, decode_image, open_shard_set
+    from .data import StreamStats, iter_samples, open_shard_set
 
-    shards = open_shard_set(root)
-    stats = StreamStats()
     buf: list[torch.Tensor] = []
     emitted = 0
-    for name, count in zip(shards.shards, shards.counts):
-        for key, members in _shard_samples(shards.root / name, stats, count):
-            data = members.get("png") or members.get("jpg") or members.get("webp")
-            if data is None:
-                stats.skip(key, "no image member")
-                continue
-            try:
-                buf.append(decode_image(data, shards.channels))
-            except Exception as err:  # PIL raises many types for corrupt data
-                stats.skip(key, f"undecodable image: {err}")
-                continue
-            if limit is not None and emitted + len(buf) >= limit:
-                yield torch.stack(buf[:limit - emitted])
-                return
-            if len(buf) == batch_size:
-                yield torch.stack(buf)
-                emitted += len(buf)
-                buf = []
+    for _, _, image in iter_samples(open_shard_set(root), StreamStats()):
+        buf.append(image)
+        if limit is not None and emitted + len(buf) >= limit:
+            yield torch.stack(buf[:limit - emitted])
+            return
+        if len(buf) == batch_size:
+            yield torch.stack(buf)
+            emitted += len(buf)
+            buf = []
     if buf:
         yield torch.stack(buf)
 

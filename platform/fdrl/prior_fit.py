@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 
 import ray
 import torch
 
-from .data import ShardSet, StreamStats, _shard_samples, decode_image
+from .data import ShardSet, StreamStats, iter_samples
 from .priors import Moments, Prior, Sketch, fit_full, fit_lowrank
 
 SKETCH_OVERSAMPLE = 10  # extra sketch columns beyond the rank, for accuracy of the top eigenpairs
@@ -19,18 +18,13 @@ FULL_MAX_DIM = 64 * 64 * 3  # above this a d x d float64 matrix per task is too 
 
 
 @ray.remote
-def _group_stats(root: str, shards: list[str], channels: int, dim: int, kind: str,
-                 width: int, seed: int):
+def _group_stats(shard_set: ShardSet, shards: list[str], kind: str, width: int, seed: int):
+    dim = math.prod(shard_set.shape)
     stats = Moments.zeros(dim) if kind == "moments" else Sketch.zeros(dim, width, seed)
     omega = Sketch.test_matrix(dim, width, seed) if kind == "sketch" else None
     skipped = StreamStats()
-    for shard in shards:
-        images = []
-        for key, members in _shard_samples(Path(root) / shard, skipped):
-            try:
-                images.append(decode_image(members["png"], channels))
-            except Exception as err:  # same policy as training: skip and count
-                skipped.skip(key, f"undecodable image: {err}")
+    for shard in shards:  # one shard at a time: memory stays at one shard's images
+        images = [image for _, _, image in iter_samples(shard_set, skipped, [shard])]
         if images:
             batch = torch.stack(images)
             stats.update(batch, omega) if omega is not None else stats.update(batch)
@@ -49,8 +43,7 @@ def fit_prior_distributed(shard_set: ShardSet, kind: str, rank: int = 512, tasks
     width = min(rank + SKETCH_OVERSAMPLE, dim)
     tasks = tasks or max(1, min(len(shard_set.shards), int(ray.available_resources().get("CPU", 1))))
     groups = [list(shard_set.shards[i::tasks]) for i in range(tasks)]
-    refs = [_group_stats.remote(str(shard_set.root), g, shard_set.channels, dim, stat_kind, width, seed)
-            for g in groups if g]
+    refs = [_group_stats.remote(shard_set, g, stat_kind, width, seed) for g in groups if g]
     merged = None
     for stats, _skipped in ray.get(refs):
         merged = stats if merged is None else merged.merge(stats)
