@@ -2,7 +2,7 @@
 (prior fit with Ray tasks, a 2-worker TorchTrainer, MLflow logging) on a tiny MNIST shard set.
 
 The head is a child process with its own ports, temp dir and auth token, so it never touches
-another Ray on the machine; it is stopped by killing its process group (never `ray stop`)."""
+another Ray on the machine; it is stopped by killing its process group (not with the CLI that stops every Ray on the machine)."""
 
 import json
 import os
