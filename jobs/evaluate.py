@@ -12,6 +12,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import re  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -109,6 +110,11 @@ def _neighbour_grids(queries, train, features, out: Path):
         save_grid(torch.cat(rows), out / f"neighbours_{space}.png", nrow=6)
 
 
+def metric_stage_name(stage: str) -> str:
+    """'K+kappa' -> 'K_plus_kappa', 'real (baseline)' -> 'real_baseline': valid MLflow names."""
+    return re.sub(r"[^A-Za-z0-9]+", "_", stage.replace("+", "_plus_")).strip("_")
+
+
 def _log(args, model, results, curve, out: Path) -> bool:
     from mlflow.tracking import MlflowClient
 
@@ -121,7 +127,7 @@ def _log(args, model, results, curve, out: Path) -> bool:
     with Tracker(args.experiment, run_name=f"eval-{model.name}-v{model.version}", tracking_uri=uri,
                  tags=tags) as t:
         t.log_params({"n": args.n, "seed": args.seed, "classifier": args.classifier or "per-dataset"})
-        t.log_metrics({f"{stage.replace('+', '_plus_').replace(' ', '_').strip('()')}.{m}": v[m]
+        t.log_metrics({f"{metric_stage_name(stage)}.{m}": v[m]
                        for stage, v in results.items() for m in METRICS}, 0)
         for step, value in enumerate(curve):
             t.log_metrics({"kl_diagnostic": value}, step)

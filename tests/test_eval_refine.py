@@ -73,6 +73,10 @@ def test_evaluate_logs_stage_metrics_curve_and_promotes(setup):
     run = client.get_run(version.tags["eval_run_id"])
     assert run.data.tags["model_version"] == str(version.version)
     assert len(client.get_metric_history(run.info.run_id, "kl_diagnostic")) == 6
+    logged = run.data.metrics
+    for stage in ("prior", "K", "K_plus_kappa", "real_baseline"):
+        assert {f"{stage}.fd", f"{stage}.kid_mean", f"{stage}.precision"} <= set(logged), stage
+    assert logged["real_baseline.fd"] == pytest.approx(fd["real (baseline)"])
 
 
 def test_refine_writes_refined_samples_grid_and_kl_per_step(setup):

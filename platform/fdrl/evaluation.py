@@ -80,7 +80,7 @@ def stage_metrics(features, samples: dict, real_a: torch.Tensor, real_b: torch.T
     """Domain FD/KID/precision/recall of each stage against real_a, plus real_b vs real_a."""
     from .metrics import feature_metrics
 
-    kid_size = min(1000, len(real_a))
+    kid_size = max(2, min(1000, len(real_a) // 2))  # subsets smaller than the sets, so they vary
     out = {}
     for name, x in {**samples, "real (baseline)": real_b}.items():
         out[name] = feature_metrics(features, x.split(256), real_a.split(256),
