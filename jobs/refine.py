@@ -26,7 +26,9 @@ def main(argv=None):
     p.add_argument("--input", required=True, help="samples.npy or models:/NAME@ALIAS of a generator")
     p.add_argument("--steps", type=int, default=25, help="refinement steps (kappa)")
     p.add_argument("--eta", type=float, default=None, help="step size (default: the model's eta)")
-    p.add_argument("--gamma", type=float, default=0.01, help="noise: nu = sqrt(2 eta gamma); 0: deterministic")
+    p.add_argument("--gamma", type=float, default=None,
+                   help="noise: nu = sqrt(2 eta gamma); 0: deterministic. Default: nu^2 / (2 eta) of the "
+                        "model, i.e. its own flow noise (DGflow's 0.01 is for latent space, eta 0.1)")
     p.add_argument("--n", type=int, default=None, help="refine the first N samples (default: all, 256 from a model)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True)
@@ -43,7 +45,8 @@ def main(argv=None):
         model = load_fdrl_model(args.model, args.tracking_uri)
         before = torch.from_numpy(load_input(args.input, args.n, args.seed, args.tracking_uri)).float()
         eta = args.eta if args.eta is not None else model.config.eta
-        after, kl = refine(model.net, model.pairing, before, args.steps, eta, args.gamma, args.seed)
+        gamma = args.gamma if args.gamma is not None else model.config.nu ** 2 / (2 * eta)
+        after, kl = refine(model.net, model.pairing, before, args.steps, eta, gamma, args.seed)
     except (FileNotFoundError, ValueError, LookupError) as err:
         sys.exit(f"error: {err}")
 
@@ -54,7 +57,7 @@ def main(argv=None):
     rows = [t for i in range(pairs) for t in (before[i * cols:(i + 1) * cols], after[i * cols:(i + 1) * cols])]
     save_grid(torch.cat(rows), args.out / "before_after.png", nrow=cols)
     curve = kl.tolist()
-    (args.out / "kl.json").write_text(json.dumps({"mean_log_r": curve, "eta": eta, "gamma": args.gamma}))
+    (args.out / "kl.json").write_text(json.dumps({"mean_log_r": curve, "eta": eta, "gamma": gamma}))
     _plot(curve, args.out / "kl.png")
     for step, value in enumerate(curve):
         print(f"step {step:3d}  mean log r {value:+.4f}")
@@ -62,7 +65,7 @@ def main(argv=None):
     with Tracker(args.experiment, run_name=f"refine-{model.name}-v{model.version}",
                  tracking_uri=args.tracking_uri,
                  tags={"model_uri": args.model, "model_version": model.version, "input": args.input}) as t:
-        t.log_params({"steps": args.steps, "eta": eta, "gamma": args.gamma, "n": len(before)})
+        t.log_params({"steps": args.steps, "eta": eta, "gamma": gamma, "n": len(before)})
         for step, value in enumerate(curve):
             t.log_metrics({"kl_diagnostic": value}, step)
         for name in ("before_after.png", "kl.png", "kl.json"):
