@@ -50,7 +50,7 @@ def main():
     from fdrl.registry import load_fdrl_model
     from fdrl.sampling import sample_distributed
 
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(num_cpus=2)  # with the dashboard: Train's placement-group cleaner needs its State API
     model_uri, uri = register_random_model(Path(tempfile.mkdtemp(prefix="fdrl-bench-")))
     model = load_fdrl_model(model_uri, uri)
     rows, outputs = {}, {}

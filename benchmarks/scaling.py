@@ -44,7 +44,7 @@ def main():
     from fdrl.config import TrainConfig
     from fdrl.ray_train import run_training
 
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(num_cpus=2)  # with the dashboard: Train's placement-group cleaner needs its State API
     tmp = Path(tempfile.mkdtemp(prefix="fdrl-scaling-"))
     shards = synthetic_shards(tmp)
     uri = f"sqlite:///{tmp}/mlflow.db"

@@ -13,6 +13,6 @@ def ray_cluster():
     """A local Ray for one test module; each module starts and shuts down its own."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(num_cpus=2)  # with the dashboard: Train's placement-group cleaner needs its State API
     yield
     ray.shutdown()

@@ -41,6 +41,7 @@ class TrainConfig:
     workers: int = 2  # Ray Train workers (one GPU each with --gpu)
     gpu: bool = False  # NCCL on GPUs; otherwise gloo on CPU
     threads: int = 1  # torch threads per CPU worker
+    worker_cpus: float = 0.0  # CPUs each CPU worker reserves (0: threads); sweeps leave room for trial drivers
     seed: int = 0
     log_every: int = 10  # steps between metric reports
     checkpoint_every: int = 1000  # steps between checkpoints

@@ -253,7 +253,7 @@ def run_training(cfg: TrainConfig, callbacks: Optional[list] = None):
         train_loop_config=cfg.to_dict(),
         torch_config=TorchConfig(backend="nccl" if cfg.gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu,
-                                     resources_per_worker=None if cfg.gpu else {"CPU": cfg.threads}),
+                                     resources_per_worker=None if cfg.gpu else {"CPU": cfg.worker_cpus or cfg.threads}),
         run_config=RunConfig(
             name=cfg.run_name, storage_path=str(storage),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),

@@ -25,6 +25,8 @@ from .divergences import PAIRINGS
 # free but measured by each trial's own ratio estimator, so it is not comparable across pairings.
 METRICS = {"kid": "kid", "kl": "log_r_flowed"}
 
+TRIAL_DRIVER_CPU = 0.01  # a trial's own process only waits on its TorchTrainer
+
 DEFAULT_SPACE: dict[str, Any] = {
     "pairing": {"choice": list(PAIRINGS)},
     "eta": {"loguniform": [0.3, 10.0]},
@@ -206,6 +208,9 @@ def run_sweep(base: TrainConfig, spec: dict[str, Any], *, num_samples: int, metr
 
     base.mlflow_parent_run_id = parent.run_id or ""
     base.max_failures = 0  # a diverging trial diverges again: fail it, don't retry it
+    # Each trial driver holds TRIAL_DRIVER_CPU; a worker reserving a whole CPU would then never
+    # fit beside it, and the second of two trials on 2 CPUs would wait for the first to finish.
+    base.worker_cpus = base.worker_cpus or base.threads - 2 * TRIAL_DRIVER_CPU
     base.register = False  # only the best trial is registered, below
     base.storage = str(sweep_dir / "trials")
     if metric == "kid":
@@ -216,7 +221,7 @@ def run_sweep(base: TrainConfig, spec: dict[str, Any], *, num_samples: int, metr
         base.eval_classifier = base.eval_classifier or ensure_classifier(
             base.data, sweep_dir.parent, manifest_hash(base.data))
     param_space = {**base.to_dict(), **to_tune_space(spec)}
-    trainable = tune.with_resources(run_trial, {"cpu": 0.01})
+    trainable = tune.with_resources(run_trial, {"cpu": TRIAL_DRIVER_CPU})
     tune_path = sweep_dir / "tune"
     if resume and tune.Tuner.can_restore(str(tune_path)):
         tuner = tune.Tuner.restore(str(tune_path), trainable=trainable, param_space=param_space)
@@ -237,6 +242,7 @@ def run_sweep(base: TrainConfig, spec: dict[str, Any], *, num_samples: int, metr
 
     searched = list(spec)
     rows = collect_rows(grid, metric_key, Path(base.storage), searched)
+    _close_trial_runs(rows, base.tracking_uri)
     table = rows_to_markdown(rows, metric_key, searched)
     (sweep_dir / "results.md").write_text(table + "\n")
     with open(sweep_dir / "results.csv", "w", newline="") as f:
@@ -257,6 +263,21 @@ def run_sweep(base: TrainConfig, spec: dict[str, Any], *, num_samples: int, metr
         _register_best(best, base, grid, register_name)
     parent.end("FINISHED")
     return rows
+
+
+def _close_trial_runs(rows: list[TrialRow], tracking_uri: str) -> None:
+    """Tune ends a trial by stopping its process whenever ASHA says stop, also at max_t, so a
+    trial's MLflow run is left RUNNING or marked FAILED by the interrupted trainer. Give it the
+    status the results table shows."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    final = {"finished": "FINISHED", "stopped early": "KILLED", "failed": "FAILED"}
+    for row in rows:
+        if row.mlflow_run_id and client.get_run(row.mlflow_run_id).info.status != final[row.status]:
+            if row.status == "stopped early":
+                client.set_tag(row.mlflow_run_id, "fdrl.stopped_by", "ASHA")
+            client.set_terminated(row.mlflow_run_id, final[row.status])
 
 
 def _register_best(best: TrialRow, base: TrainConfig, grid, register_name: str) -> None:
