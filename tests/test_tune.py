@@ -18,8 +18,10 @@ def sweep(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sweep")
     shards = tmp / "shards"
     convert("mnist", None, shards, shard_size=64, limit=256, progress=False)
-    base = TrainConfig(data=str(shards), dataset="mnist", arch="mnist32", prior="full", steps=4,
-                       batch=8, workers=1, flow_steps=2, extra_steps=1, log_every=2,
+    # 40 steps (~3 s of training) so that trials running together overlap by far more than the
+    # start-up jitter between them; trials that waited for each other would not overlap at all.
+    base = TrainConfig(data=str(shards), dataset="mnist", arch="mnist32", prior="full", steps=40,
+                       batch=8, workers=1, flow_steps=2, extra_steps=1, log_every=20,
                        checkpoint_every=10**9, sample_every=10**9, grid_size=4,
                        storage=str(tmp / "runs"), tracking_uri=f"sqlite:///{tmp}/mlflow.db")
     space = {"pairing": {"choice": ["lr-kl"]}, "eta": {"loguniform": [1.0, 3.0]}}
@@ -30,7 +32,7 @@ def sweep(tmp_path_factory):
         # stops nothing, so every trial's outcome is deterministic.
         trials = [{"pairing": "lr-kl", "eta": 1.5}, {"pairing": "lr-kl", "eta": 2.5},
                   {"pairing": "lr-kl", "eta": 2.0, "lr": 1000.0}]
-        rows = run_sweep(base, space, num_samples=0, metric="kl", max_concurrent=2, grace_period=4,
+        rows = run_sweep(base, space, num_samples=0, metric="kl", max_concurrent=2, grace_period=40,
                          extra_trials=trials, name="s", register_name="swept")
     finally:
         ray.shutdown()
