@@ -42,9 +42,8 @@ def load_input(spec: str, n: Optional[int], seed: int, tracking_uri: Optional[st
         from .sampling import FlowSettings, sample_local
 
         source = load_fdrl_model(spec, tracking_uri)
-        cfg = source.config
-        settings = FlowSettings(cfg.flow_steps, cfg.extra_steps, cfg.eta, cfg.nu)
-        return sample_local(source.net, source.prior, cfg.pairing, settings, n or 256, seed)
+        settings = FlowSettings.from_config(source.config)
+        return sample_local(source.net, source.prior, source.config.pairing, settings, n or 256, seed)
     path = Path(spec)
     if not path.is_file():
         raise FileNotFoundError(f"input samples not found: {path} (a .npy file or models:/NAME@ALIAS)")

@@ -41,6 +41,7 @@ from .config import TrainConfig
 from .divergences import Pairing, get_pairing
 from .networks import build_network
 from .priors import Prior, check_prior_shape, load_prior, make_simple_prior
+from .shards import sha256_file
 from .train import FlowParams
 
 log = logging.getLogger("fdrl.registry")
@@ -69,14 +70,6 @@ class LoadedModel:
     name: str
     version: str
     run_id: str
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def build_model(weights: dict[str, torch.Tensor], prior: Optional[Prior],

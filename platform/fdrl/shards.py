@@ -326,7 +326,7 @@ def _atomic_path(path: Path) -> Iterator[Path]:
         raise
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: str | os.PathLike) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(partial(f.read, 1 << 20), b""):
@@ -394,7 +394,7 @@ def _write_shard(
             count += 1
     record = {
         "shard": tar_path.name, "count": count, "bytes": tar_path.stat().st_size,
-        "sha256": _sha256_file(tar_path), "skipped": skipped,
+        "sha256": sha256_file(tar_path), "skipped": skipped,
         "params": params, "keys_sha256": keys_digest,
     }
     with _atomic_path(sidecar) as tmp:
