@@ -37,11 +37,12 @@ def main(argv=None):
                    help="set alias 'champion' to this version if its K+kappa metric beats the champion's")
     args = p.parse_args(argv)
 
-    from fdrl.evaluation import ensure_classifier, flow_stages, interpolation, nearest_neighbours, stage_metrics
-    from fdrl.classifier import load_classifier
-    from fdrl.metrics import shard_batches
-    from fdrl.registry import load_fdrl_model
-    from fdrl.shards import manifest_hash
+    from fdrl.core.flow import FlowSettings
+    from fdrl.eval.evaluation import ensure_classifier, flow_stages, interpolation, stage_metrics
+    from fdrl.eval.classifier import load_classifier
+    from fdrl.eval.metrics import shard_batches
+    from fdrl.tracking.registry import load_fdrl_model
+    from fdrl.data.manifest import manifest_hash
 
     try:
         model = load_fdrl_model(args.model, args.tracking_uri)
@@ -53,21 +54,22 @@ def main(argv=None):
         sys.exit(f"error: {data} has {len(train)} images; need 2 x --n = {2 * args.n}")
     classifier = args.classifier or ensure_classifier(data, Path("runs"), manifest_hash(data))
     features = load_classifier(classifier, args.tracking_uri).features
-    kappa = model.config.extra_steps if args.extra_steps is None else args.extra_steps
+    flow = FlowSettings.from_config(model.config, extra_steps=args.extra_steps)
+    kappa = flow.extra_steps
 
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    staged = flow_stages(model, args.n, args.seed, kappa)
+    staged = flow_stages(model, args.n, args.seed, flow)
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))
     real_a, real_b = train[order[:args.n]], train[order[args.n:2 * args.n]]
     results = stage_metrics(features, staged["samples"], real_a, real_b, args.seed)
     table = _markdown(results, model, kappa)
     (out / "metrics.md").write_text(table + "\n")
     (out / "metrics.json").write_text(json.dumps({"stages": results, "kl_curve": staged["kl_curve"]}, indent=1))
-    _plot_curve(staged["kl_curve"], model.flow_params.steps, out / "kl_curve.png")
+    _plot_curve(staged["kl_curve"], flow.flow_steps, out / "kl_curve.png")
     _neighbour_grids(staged["samples"]["K+kappa"][:8], train, features, out)
-    from fdrl.images import save_grid
-    save_grid(interpolation(model, 6, 8, args.seed, kappa), out / "interpolation.png", nrow=8)
+    from fdrl.data.images import save_grid
+    save_grid(interpolation(model, 6, 8, args.seed, flow), out / "interpolation.png", nrow=8)
     save_grid(staged["samples"]["K+kappa"][:64], out / "samples.png")
     print(table)
 
@@ -76,7 +78,7 @@ def main(argv=None):
 
 
 def _markdown(results, model, kappa) -> str:
-    k = model.flow_params.steps
+    k = model.flow.flow_steps
     names = {"prior": "prior", "K": f"K = {k} steps", "K+kappa": f"K + kappa = {k + kappa} steps",
              "real (baseline)": "real vs real"}
     lines = ["| samples | FD | KID | precision | recall |", "|---|---|---|---|---|"]
@@ -101,8 +103,8 @@ def _plot_curve(curve, k, path):
 
 
 def _neighbour_grids(queries, train, features, out: Path):
-    from fdrl.evaluation import nearest_neighbours
-    from fdrl.images import save_grid
+    from fdrl.eval.evaluation import nearest_neighbours
+    from fdrl.data.images import save_grid
 
     nn = nearest_neighbours(queries, train, features, k=5)
     for space, idx in nn.items():
@@ -118,8 +120,8 @@ def metric_stage_name(stage: str) -> str:
 def _log(args, model, results, curve, out: Path) -> bool:
     from mlflow.tracking import MlflowClient
 
-    from fdrl.registry import promote
-    from fdrl.tracking import Tracker, default_tracking_uri
+    from fdrl.tracking.registry import promote
+    from fdrl.tracking.tracker import Tracker, default_tracking_uri
 
     uri = args.tracking_uri or default_tracking_uri()
     tags = {"model_name": model.name, "model_version": model.version, "model_uri": args.model,

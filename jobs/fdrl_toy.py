@@ -17,11 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fdrl.divergences import PAIRINGS, get_pairing
-from fdrl.networks import build_network
-from fdrl.priors import make_simple_prior
-from fdrl.toy import DATASETS, make_toy, toy_metrics
-from fdrl.train import FlowParams, make_state, sample, train_step
+from fdrl.core.divergences import PAIRINGS, get_pairing
+from fdrl.core.networks import build_network
+from fdrl.core.priors import make_simple_prior
+from fdrl.data.toy import DATASETS, make_toy, toy_metrics
+from fdrl.core.flow import FlowSettings
+from fdrl.core.sampler import sample
+from fdrl.core.step import make_state, train_step
 
 
 def parse_args(argv=None):
@@ -63,7 +65,10 @@ def plot(samples, real, path, title):
 def main(argv=None):
     args = parse_args(argv)
     pairing = get_pairing(args.pairing)
-    flow_params = FlowParams(args.flow_steps, args.eta, args.nu)
+    try:
+        flow = FlowSettings(args.flow_steps, args.extra_steps, args.eta, args.nu)
+    except ValueError as err:
+        sys.exit(f"error: {err}")
     if args.steps < 1:
         sys.exit(f"--steps must be >= 1, got {args.steps}")
     if args.threads:
@@ -81,15 +86,14 @@ def main(argv=None):
     start = time.perf_counter()
     for step in range(args.steps):
         idx = torch.randint(len(pool), (args.batch,), generator=gen)
-        m = train_step(state, pool[idx], prior, pairing, flow_params, gen,
+        m = train_step(state, pool[idx], prior, pairing, flow, gen,
                        dequant_std=0.0, ema_decay=args.ema)
         if step % max(args.steps // 10, 1) == 0 or step == args.steps - 1:
             print(f"step {step:6d} loss {m['loss']:+.4f} log r data {m['log_r_data']:+.3f} "
                   f"flowed {m['log_r_flowed']:+.3f} |g| {m['grad_norm']:.3f}", flush=True)
     train_seconds = time.perf_counter() - start
 
-    samples = sample(state.ema, prior, pairing, args.n_samples, flow_params,
-                     args.extra_steps, gen).numpy()
+    samples = sample(state.ema, pairing, flow, args.n_samples, args.seed, prior=prior).x.numpy()
     real = make_toy(args.dataset, args.n_samples, args.seed + 1)
     metrics = toy_metrics(args.dataset, samples, real)
     metrics.update(train_seconds=train_seconds, wall_seconds=time.perf_counter() - start,

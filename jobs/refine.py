@@ -36,14 +36,15 @@ def main(argv=None):
     p.add_argument("--experiment", default="fdrl-refine")
     args = p.parse_args(argv)
 
-    from fdrl.images import save_grid
-    from fdrl.refine import load_input, refine
-    from fdrl.registry import load_fdrl_model
-    from fdrl.tracking import Tracker
+    from fdrl.data.images import save_grid
+    from fdrl.core.refine import refine
+    from fdrl.distributed.sampling import load_samples
+    from fdrl.tracking.registry import load_fdrl_model
+    from fdrl.tracking.tracker import Tracker
 
     try:
         model = load_fdrl_model(args.model, args.tracking_uri)
-        before = torch.from_numpy(load_input(args.input, args.n, args.seed, args.tracking_uri)).float()
+        before = torch.from_numpy(load_samples(args.input, args.n, args.seed, args.tracking_uri)).float()
         eta = args.eta if args.eta is not None else model.config.eta
         gamma = args.gamma if args.gamma is not None else model.config.nu ** 2 / (2 * eta)
         after, kl = refine(model.net, model.pairing, before, args.steps, eta, gamma, args.seed)

@@ -3,7 +3,7 @@
     python jobs/sample.py --model models:/fdrl-mnist@champion --n 1000 --out samples/ --workers 2
 
 Writes OUT/samples.npy (N x C x H x W float32 in [-1, 1]) and OUT/grid.png (the first 64). The
-model is loaded with its sha256 check and without unpickling (fdrl.registry.load_fdrl_model).
+model is loaded with its sha256 check and without unpickling (fdrl.tracking.registry.load_fdrl_model).
 Chunk i of --batch samples is seeded from (--seed, i): the same seed and batch give the same
 samples for any --workers. Runs as `python jobs/sample.py` (local Ray) or under
 `ray job submit` (the cluster's workers; one GPU each when it has GPUs).
@@ -19,7 +19,7 @@ import json  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from fdrl.sampling import CHUNK, sample_to_dir  # noqa: E402
+from fdrl.distributed.sampling import CHUNK, sample_to_dir  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     p.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI or ./mlflow.db")
     args = p.parse_args(argv)
 
-    from fdrl.registry import ModelNotFoundError, TamperedArtifactError
+    from fdrl.tracking.registry import ModelNotFoundError, TamperedArtifactError
 
     try:
         summary = sample_to_dir(args.model, args.n, args.out, args.seed, args.workers, args.batch,

@@ -19,7 +19,7 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-from fdrl.classifier import (DEFAULT_EXPERIMENT, DEFAULT_NAME, load_labeled,  # noqa: E402
+from fdrl.eval.classifier import (DEFAULT_EXPERIMENT, DEFAULT_NAME, load_labeled,  # noqa: E402
                              register_classifier, save_classifier, strided_subset,
                              train_classifier)
 
@@ -47,10 +47,10 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.data is None:
-        from fdrl.shards import ensure_mnist_shards
+        from fdrl.data.writer import ensure_mnist_shards
 
         args.data = ensure_mnist_shards(Path("data/mnist5k"))
-    from fdrl.shards import manifest_hash
+    from fdrl.data.manifest import manifest_hash
 
     try:
         images, labels, keys = load_labeled(args.data)

@@ -27,13 +27,12 @@ from pathlib import Path  # noqa: E402
 import yaml  # noqa: E402
 
 from fdrl.config import add_config_args, config_from_args  # noqa: E402
-from fdrl.tune import DEFAULT_SPACE, METRICS, run_sweep  # noqa: E402
+from fdrl.distributed.tune import DEFAULT_SPACE, METRICS, run_sweep  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fdrl_mnist import PRESET, default_data  # noqa: E402
+from fdrl.presets import MNIST, mnist_data  # noqa: E402
 
 # Sweep-sized trials: short, one CPU worker each so two trials run at once on 2 cores.
-BASE = replace(PRESET, steps=60, workers=1, batch=32, log_every=10, checkpoint_every=10**9,
+BASE = replace(MNIST, steps=60, workers=1, batch=32, log_every=10, checkpoint_every=10**9,
                sample_every=10**9, grid_size=16, keep_checkpoints=1)
 
 
@@ -74,7 +73,7 @@ def main(argv=None):
 
     base = config_from_args(args)
     if not base.data:
-        base.data = str(default_data())
+        base.data = str(mnist_data())
     spec = yaml.safe_load(args.space.read_text()) if args.space else dict(DEFAULT_SPACE)
     spec.update(_parse_search(args.search))
     try:

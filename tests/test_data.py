@@ -8,7 +8,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from fdrl.data import ShardStream, epoch_shards, open_shard_set
+from fdrl.data.stream import ShardStream, epoch_shards
+
+from fdrl.data.manifest import open_shard_set
 
 
 def _png(value: int) -> bytes:

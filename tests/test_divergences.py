@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fdrl.divergences import PAIRINGS, get_pairing
+from fdrl.core.divergences import PAIRINGS, get_pairing
 
 CATEGORIES = 6
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from fdrl.checkpoint import save_checkpoint
+from fdrl.distributed.checkpoint import save_checkpoint
 from fdrl.config import TrainConfig
-from fdrl.networks import build_network
-from fdrl.priors import Moments, fit_full
-from fdrl.train import make_state
+from fdrl.core.networks import build_network
+from fdrl.core.priors import Moments, fit_full
+from fdrl.core.step import make_state
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(600)
@@ -22,11 +22,11 @@ pytestmark = pytest.mark.timeout(600)
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from fdrl.classifier import load_labeled, save_classifier, train_classifier
-    from fdrl.metrics import shard_batches
-    from fdrl.registry import log_fdrl_model
-    from fdrl.shards import convert
-    from fdrl.tracking import Tracker
+    from fdrl.eval.classifier import load_labeled, save_classifier, train_classifier
+    from fdrl.eval.metrics import shard_batches
+    from fdrl.tracking.registry import log_fdrl_model
+    from fdrl.data.writer import convert
+    from fdrl.tracking.tracker import Tracker
 
     tmp = tmp_path_factory.mktemp("evalrefine")
     uri = f"sqlite:///{tmp}/mlflow.db"

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from fdrl.divergences import get_pairing
-from fdrl.flow import flow
-from fdrl.networks import build_network
+from fdrl.core.divergences import get_pairing
+from fdrl.core.flow import flow
+from fdrl.core.networks import build_network
 
 
 @pytest.fixture

@@ -101,7 +101,7 @@ def _pids_with(marker: str) -> list[int]:
 def test_ray_job_submit_trains_and_logs(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from fdrl.shards import convert
+    from fdrl.data.writer import convert
 
     shards = tmp_path / "shards"
     convert("mnist", None, shards, shard_size=64, limit=256, progress=False)

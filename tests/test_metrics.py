@@ -8,12 +8,12 @@ import pytest
 import torch
 from scipy import linalg
 
-from fdrl import metrics
-from fdrl.metrics import (FID_WEIGHTS_ENV, FID_WEIGHTS_NAME, INCEPTION_KEYS, StreamedImages,
+from fdrl.eval import metrics
+from fdrl.eval.metrics import (FID_WEIGHTS_ENV, FID_WEIGHTS_NAME, INCEPTION_KEYS, StreamedImages,
                           check_inception_weights, domain_features, feature_moments,
                           frechet_distance, frechet_distance_from_moments, gaussian_stats, kid,
                           precision_recall, resolve_fid_weights, standard_metrics)
-from fdrl.priors import Moments
+from fdrl.core.priors import Moments
 
 
 def _orthogonal(d, seed):
@@ -292,7 +292,7 @@ def test_standard_metrics_with_real_weights(mnist, tmp_path):
 
 @pytest.fixture(scope="module")
 def mnist(tmp_path_factory):
-    from fdrl.shards import convert
+    from fdrl.data.writer import convert
 
     out = tmp_path_factory.mktemp("mnist") / "shards"
     convert("mnist", None, out, shard_size=100, limit=5000, progress=False)
@@ -300,8 +300,8 @@ def mnist(tmp_path_factory):
 
 
 def test_shard_batches_and_cache_name(mnist):
-    from fdrl.data import open_shard_set
-    from fdrl.shards import manifest_hash
+    from fdrl.data.manifest import open_shard_set
+    from fdrl.data.manifest import manifest_hash
 
     batches = list(metrics.shard_batches(mnist, 256, limit=600))
     assert [len(b) for b in batches] == [256, 256, 88]
@@ -318,7 +318,7 @@ def test_shard_batches_and_cache_name(mnist):
 def test_classifier_trains_registers_and_round_trips(mnist, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from fdrl.classifier import (load_classifier, load_labeled, register_classifier,
+    from fdrl.eval.classifier import (load_classifier, load_labeled, register_classifier,
                                  strided_subset, train_classifier)
 
     images, labels, keys = load_labeled(mnist)
@@ -359,7 +359,7 @@ def test_classifier_trains_registers_and_round_trips(mnist, tmp_path):
 
 
 def test_classifier_local_folder_round_trip(tmp_path):
-    from fdrl.classifier import ClassifierConfig, MnistClassifier, load_classifier, save_classifier
+    from fdrl.eval.classifier import ClassifierConfig, MnistClassifier, load_classifier, save_classifier
 
     torch.manual_seed(1)
     model = MnistClassifier(ClassifierConfig(channels=(8, 8, 16), feature_dim=32)).eval()
@@ -375,7 +375,7 @@ def test_classifier_local_folder_round_trip(tmp_path):
 
 @pytest.mark.slow
 def test_classifier_full_accuracy(mnist):
-    from fdrl.classifier import load_labeled, train_classifier
+    from fdrl.eval.classifier import load_labeled, train_classifier
 
     result = train_classifier(*load_labeled(mnist), log=None)
     assert result.heldout_accuracy >= 0.97

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fdrl.networks import ARCHITECTURES, build_network, count_parameters
+from fdrl.core.networks import ARCHITECTURES, build_network, count_parameters
 
 # Parameter counts of the reference implementation (FDRL paper, table 3 networks).
 REFERENCE_COUNTS = {"cifar10": 11.37e6, "celeba64": 5.13e6, "church128": 5.44e6,

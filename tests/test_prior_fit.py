@@ -1,13 +1,13 @@
 import torch
 
-from fdrl.data import open_shard_set
-from fdrl.metrics import shard_batches
-from fdrl.prior_fit import fit_prior_distributed
-from fdrl.priors import Moments, fit_full, fit_lowrank
+from fdrl.data.manifest import open_shard_set
+from fdrl.eval.metrics import shard_batches
+from fdrl.distributed.prior_fit import fit_prior_distributed
+from fdrl.core.priors import Moments, fit_full, fit_lowrank
 
 
 def test_ray_tasks_fit_the_same_prior_as_one_pass(ray_cluster, tmp_path):
-    from fdrl.shards import convert
+    from fdrl.data.writer import convert
 
     convert("mnist", None, tmp_path / "s", shard_size=50, limit=300, progress=False)
     shard_set = open_shard_set(tmp_path / "s")

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from fdrl.priors import (FullGaussianPrior, Moments, Sketch, check_prior_shape, fit_full,
+from fdrl.core.priors import (FullGaussianPrior, Moments, Sketch, check_prior_shape, fit_full,
                          fit_lowrank, load_prior, make_simple_prior)
 
 

@@ -19,14 +19,14 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from fdrl.checkpoint import save_checkpoint
+from fdrl.distributed.checkpoint import save_checkpoint
 from fdrl.config import TrainConfig
-from fdrl.networks import build_network
-from fdrl.priors import Moments, UniformPrior, fit_full
-from fdrl.registry import (ModelNotFoundError, TamperedArtifactError, load_fdrl_model,
+from fdrl.core.networks import build_network
+from fdrl.core.priors import Moments, UniformPrior, fit_full
+from fdrl.tracking.registry import (ModelNotFoundError, TamperedArtifactError, load_fdrl_model,
                            log_fdrl_model, promote)
-from fdrl.tracking import Tracker
-from fdrl.train import make_state
+from fdrl.tracking.tracker import Tracker
+from fdrl.core.step import make_state
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "fdrl-unit"
@@ -60,7 +60,7 @@ def digest(tensors) -> str:
 
 FRESH_PROCESS = inspect.getsource(digest) + """
 import hashlib, json, sys
-from fdrl.registry import load_fdrl_model
+from fdrl.tracking.registry import load_fdrl_model
 m = load_fdrl_model(sys.argv[1], tracking_uri=sys.argv[2])
 print(json.dumps({"net": digest(m.net.state_dict()), "prior": digest(m.prior.tensors()),
                   "prior_kind": m.prior.kind, "training": m.net.training,
@@ -102,7 +102,7 @@ def _stored_file(registry, name: str, version: str, rel: str) -> Path:
 
 
 def test_round_trip_in_a_fresh_process(registry):
-    from fdrl.priors import load_prior
+    from fdrl.core.priors import load_prior
 
     got = load_in_fresh_process(f"models:/{NAME}@candidate", registry["uri"])
     prior = load_prior(registry["prior_path"])
@@ -210,7 +210,7 @@ def test_parameter_free_prior_has_no_file(registry):
 
 
 def test_training_hook_warns_instead_of_failing(registry, caplog):
-    from fdrl.registry import register_trained
+    from fdrl.tracking.registry import register_trained
 
     _, cfg, ckpt, _ = make_checkpoint(registry["root"], 60)
     cfg.mlflow_run_id, cfg.tracking_uri = registry["run_id"], registry["uri"]
@@ -225,7 +225,8 @@ def test_pyfunc_flavour_draws_the_same_samples_as_the_library(registry):
     import mlflow
     from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
-    from fdrl.sampling import FlowSettings, sample_local
+    from fdrl.core.flow import FlowSettings
+    from fdrl.core.sampler import sample
 
     with _use_tracking_uri(registry["uri"]):  # the MLflow user's path: pyfunc by alias
         pyfunc = mlflow.pyfunc.load_model(f"models:/{NAME}@candidate")
@@ -233,8 +234,8 @@ def test_pyfunc_flavour_draws_the_same_samples_as_the_library(registry):
     assert x.shape == (8, 1, 32, 32) and x.dtype == np.float32
     model = load_fdrl_model(f"models:/{NAME}@candidate", registry["uri"])
     flow = FlowSettings.from_config(model.config)
-    want = np.concatenate([sample_local(model.net, model.prior, "lsif-chi2", flow, 5, 7, 4),
-                           sample_local(model.net, model.prior, "lsif-chi2", flow, 3, 8, 4)])
+    want = np.concatenate([sample(model.net, model.pairing, flow, n, seed, prior=model.prior,
+                                  chunk=4).x.clamp(-1, 1).numpy() for n, seed in ((5, 7), (3, 8))])
     np.testing.assert_array_equal(x, want)  # same chunk seeds, same process
 
 

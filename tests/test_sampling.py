@@ -12,14 +12,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fdrl.checkpoint import save_checkpoint
+from fdrl.distributed.checkpoint import save_checkpoint
 from fdrl.config import TrainConfig
-from fdrl.networks import build_network
-from fdrl.priors import Moments, fit_full
-from fdrl.registry import load_fdrl_model, log_fdrl_model
-from fdrl.sampling import FlowSettings, chunks, sample_distributed, sample_local, sample_to_dir
-from fdrl.tracking import Tracker
-from fdrl.train import make_state
+from fdrl.core.networks import build_network
+from fdrl.core.priors import Moments, fit_full
+from fdrl.tracking.registry import load_fdrl_model, log_fdrl_model
+from fdrl.core.flow import FlowSettings
+from fdrl.core.sampler import chunks, sample
+from fdrl.distributed.sampling import sample_distributed, sample_to_dir
+from fdrl.tracking.tracker import Tracker
+from fdrl.core.step import make_state
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,12 +60,12 @@ def test_same_seed_same_samples_for_any_worker_count(ray_cluster, registered):
     np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(a, one)  # chunk seeds do not depend on the worker count
     assert not np.array_equal(a, other)
-    # The pyfunc path (sample_local) draws the same chunks; bit-equal at one torch thread.
+    # The in-process sampler draws the same chunks; bit-equal at one torch thread.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        local = sample_local(model.net, model.prior, model.config.pairing,
-                             FlowSettings.from_config(model.config), 40, 3, 16)
+        local = sample(model.net, model.pairing, FlowSettings.from_config(model.config), 40, 3,
+                       prior=model.prior, chunk=16).x.clamp(-1, 1).numpy()
     finally:
         torch.set_num_threads(threads)
     np.testing.assert_array_equal(a, local)
@@ -83,8 +85,8 @@ def test_sample_to_dir_writes_samples_and_grid(ray_cluster, registered, tmp_path
 
 @pytest.mark.timeout(600)
 def test_train_register_load_in_fresh_process_and_sample_twice(ray_cluster, tmp_path):
-    from fdrl.ray_train import run_training
-    from fdrl.shards import convert
+    from fdrl.distributed.train import run_training
+    from fdrl.data.writer import convert
 
     shards = tmp_path / "shards"
     convert("mnist", None, shards, shard_size=64, limit=128, progress=False)
@@ -98,7 +100,7 @@ def test_train_register_load_in_fresh_process_and_sample_twice(ray_cluster, tmp_
 
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(MLFLOW_DISABLE_TELEMETRY="true", RAY_USAGE_STATS_ENABLED="0")
-    code = ("import hashlib, json, sys; from fdrl.registry import load_fdrl_model; "
+    code = ("import hashlib, json, sys; from fdrl.tracking.registry import load_fdrl_model; "
             "m = load_fdrl_model(sys.argv[1], sys.argv[2]); "
             "print(json.dumps({k: hashlib.sha256(v.numpy().tobytes()).hexdigest() "
             "for k, v in m.net.state_dict().items()}))")

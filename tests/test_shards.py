@@ -14,15 +14,9 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from fdrl.shards import (
-    MANIFEST_NAME,
-    convert,
-    convert_cat2dog,
-    ensure_mnist_shards,
-    manifest_hash,
-    read_manifest,
-    shard_urls,
-)
+from fdrl.data.manifest import MANIFEST_NAME, manifest_hash, read_manifest, shard_urls
+
+from fdrl.data.writer import convert, convert_cat2dog, ensure_mnist_shards
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from fdrl import tracking
-from fdrl.tracking import (Tracker, default_artifact_root, default_tracking_uri, ensure_experiment,
+from fdrl.tracking import tracker as tracking
+from fdrl.tracking.tracker import (Tracker, default_artifact_root, default_tracking_uri, ensure_experiment,
                            flatten_params, git_commit)
 
 REPO = Path(__file__).resolve().parents[1]

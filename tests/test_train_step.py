@@ -1,10 +1,11 @@
 import pytest
 import torch
 
-from fdrl.divergences import get_pairing
-from fdrl.networks import build_network
-from fdrl.priors import make_simple_prior
-from fdrl.train import FlowParams, NonFiniteLossError, lr_multiplier, make_state, train_step
+from fdrl.core.divergences import get_pairing
+from fdrl.core.networks import build_network
+from fdrl.core.priors import make_simple_prior
+from fdrl.core.flow import FlowSettings
+from fdrl.core.step import NonFiniteLossError, lr_multiplier, make_state, train_step
 
 
 def _setup(seed=0, arch="mlp"):
@@ -18,7 +19,7 @@ def test_step_updates_weights_ema_and_returns_metrics():
     before = [p.detach().clone() for p in state.model.parameters()]
     ema_before = [p.detach().clone() for p in state.ema.parameters()]
     prior = make_simple_prior("gaussian", (2,))
-    m = train_step(state, torch.randn(64, 2), prior, get_pairing("lr-kl"), FlowParams(3, 1.0, 0.01), gen)
+    m = train_step(state, torch.randn(64, 2), prior, get_pairing("lr-kl"), FlowSettings(3, 0, 1.0, 0.01), gen)
     assert set(m) == {"loss", "log_r_data", "log_r_flowed", "grad_norm", "lr"}
     assert m["grad_norm"] > 0 and state.step == 1
     changed = [not torch.equal(a, b) for a, b in zip(before, state.model.parameters())]
@@ -35,7 +36,7 @@ def test_learning_rate_decays_at_milestones():
     state, gen = _setup()
     prior = make_simple_prior("gaussian", (2,))
     lrs = [train_step(state, torch.randn(8, 2), prior, get_pairing("lr-kl"),
-                      FlowParams(1, 1.0, 0.0), gen)["lr"] for _ in range(3)]
+                      FlowSettings(1, 0, 1.0, 0.0), gen)["lr"] for _ in range(3)]
     assert lrs == [1e-3, 1e-3, pytest.approx(1e-4)]
 
 
@@ -46,7 +47,7 @@ def test_same_seed_same_weights():
         prior = make_simple_prior("uniform", (1, 32, 32), clamp=1.0)
         data = torch.rand(4, 1, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
         for _ in range(2):
-            train_step(state, data, prior, get_pairing("lsif-chi2"), FlowParams(2, 3.0, 0.01), gen)
+            train_step(state, data, prior, get_pairing("lsif-chi2"), FlowSettings(2, 0, 3.0, 0.01), gen)
         results.append(torch.cat([p.flatten() for p in state.ema.parameters()]))
     assert torch.equal(*results)
 
@@ -58,10 +59,10 @@ def test_non_finite_loss_names_step_and_values():
     data[0, 0] = float("nan")
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 41: loss=nan.*on data=nan"):
         train_step(state, data, make_simple_prior("gaussian", (2,)), get_pairing("lsif-chi2"),
-                   FlowParams(1, 1.0, 0.0), gen, dequant_std=0.0)
+                   FlowSettings(1, 0, 1.0, 0.0), gen, dequant_std=0.0)
 
 
 @pytest.mark.parametrize("steps,eta,nu", [(0, 1.0, 0.0), (3, 0.0, 0.0), (3, -2.0, 0.0)])
 def test_flow_params_are_validated(steps, eta, nu):
     with pytest.raises(ValueError):
-        FlowParams(steps, eta, nu)
+        FlowSettings(steps, 0, eta, nu)

@@ -12,8 +12,8 @@ pytestmark = pytest.mark.timeout(900)
 def sweep(tmp_path_factory):
     import ray
 
-    from fdrl.shards import convert
-    from fdrl.tune import run_sweep
+    from fdrl.data.writer import convert
+    from fdrl.distributed.tune import run_sweep
 
     tmp = tmp_path_factory.mktemp("sweep")
     shards = tmp / "shards"

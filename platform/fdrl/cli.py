@@ -19,7 +19,7 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Callable, Optional  # noqa: E402
 
-from .config import TrainConfig, add_config_args, config_from_args  # noqa: E402
+from fdrl.config import TrainConfig, add_config_args, config_from_args  # noqa: E402
 
 
 def parse_train_args(preset: TrainConfig, description: str, argv=None) -> tuple[TrainConfig, bool]:
@@ -46,8 +46,8 @@ def train_main(preset: TrainConfig, description: str, argv=None,
         print(json.dumps(cfg.to_dict(), indent=1))
         return 0
 
-    from .ray_train import run_training
-    from .tracking import default_tracking_uri
+    from fdrl.distributed.train import run_training
+    from fdrl.tracking.tracker import default_tracking_uri
 
     try:
         result = run_training(cfg)

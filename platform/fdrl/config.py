@@ -75,11 +75,11 @@ class TrainConfig:
         return cls(**d)
 
     def validate(self) -> "TrainConfig":
-        from .divergences import get_pairing
-        from .train import FlowParams
+        from fdrl.core.divergences import get_pairing
+        from fdrl.core.flow import FlowSettings
 
         get_pairing(self.pairing)
-        FlowParams(self.flow_steps, self.eta, self.nu)
+        FlowSettings.from_config(self)
         if self.prior not in ("uniform", "gaussian", "full", "lowrank"):
             raise ValueError(f"unknown prior {self.prior!r}; valid: uniform, gaussian, full, lowrank")
         if self.workers < 1 or self.batch % self.workers:

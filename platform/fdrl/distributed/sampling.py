@@ -1,84 +1,29 @@
-"""Sampling (FDRL Algorithm 2) from a trained model, in chunks that are reproducible on their own.
+"""Sampling on Ray: the core sampler's chunks spread over actors.
 
-The N samples are cut into chunks of a fixed size ``batch``; chunk i is drawn with a generator
-seeded from (seed, i) alone. A sample therefore depends on (seed, batch, its index) and the model,
-not on how many workers drew it or in which order the chunks finished: 1 worker and 8 workers give
-the same array (on the same device type, with one torch thread per worker as here).
-
-``sample_local`` draws in this process (the MLflow pyfunc ``predict`` uses it);
-``sample_distributed`` spreads the chunks over Ray actors (one GPU each when the cluster has GPUs,
-else one CPU with one torch thread), keeps every actor busy and advances a tqdm bar as chunks
-finish. Samples are clamped to the image range [-1, 1].
+``sample_distributed`` hands chunks (index, start, size) to actors (one GPU each when the cluster
+has GPUs, else one CPU with one torch thread), keeps every actor busy and advances a tqdm bar as
+chunks finish. Each chunk is ``fdrl.core.sampler.sample_chunk``, seeded from (seed, index) alone,
+so 1 worker and 8 workers give the same array. Samples are clamped to the image range [-1, 1].
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
-from torch import nn
 
-from .divergences import get_pairing
-from .images import save_grid
-from .networks import build_network
-from .priors import Prior
-from .train import FlowParams, sample
+from fdrl.core.divergences import get_pairing
+from fdrl.core.flow import FlowSettings
+from fdrl.core.networks import build_network
+from fdrl.core.priors import Prior
+from fdrl.core.sampler import CHUNK, chunks, sample_chunk
+from fdrl.data.images import save_grid
 
-CHUNK = 64  # default chunk size: changing it changes the samples (the seeds are per chunk)
 IN_FLIGHT = 2  # chunks queued per actor, so an actor never idles while its next chunk travels
-
-
-@dataclass(frozen=True)
-class FlowSettings:
-    """Sampling flow: K + kappa steps of size eta with noise nu (defaults: the model's config)."""
-
-    flow_steps: int  # K
-    extra_steps: int  # kappa
-    eta: float
-    nu: float
-
-    @classmethod
-    def from_config(cls, config, **overrides) -> "FlowSettings":
-        base = dict(flow_steps=config.flow_steps, extra_steps=config.extra_steps,
-                    eta=config.eta, nu=config.nu)
-        base.update({k: v for k, v in overrides.items() if v is not None})
-        settings = cls(**base)
-        FlowParams(settings.flow_steps, settings.eta, settings.nu)  # validates K, eta, nu
-        if settings.extra_steps < 0:
-            raise ValueError(f"extra flow steps kappa must be >= 0, got {settings.extra_steps}")
-        return settings
-
-
-def chunk_seed(seed: int, index: int) -> int:
-    """A well-mixed 63-bit seed for chunk ``index`` of a run seeded with ``seed``."""
-    state = np.random.SeedSequence([int(seed), int(index)]).generate_state(2, np.uint32)
-    return (int(state[0]) << 31) ^ int(state[1])
-
-
-def chunks(n: int, batch: int) -> list[tuple[int, int, int]]:
-    """(index, start, size) of each chunk; the last one may be short."""
-    if n < 1 or batch < 1:
-        raise ValueError(f"need n >= 1 and batch >= 1, got n={n}, batch={batch}")
-    return [(i, start, min(batch, n - start)) for i, start in enumerate(range(0, n, batch))]
-
-
-def sample_chunk(net: nn.Module, prior: Prior, pairing_name: str, flow: FlowSettings,
-                 seed: int, index: int, size: int, device="cpu") -> np.ndarray:
-    gen = torch.Generator(device=device).manual_seed(chunk_seed(seed, index))
-    x = sample(net, prior, get_pairing(pairing_name), size,
-               FlowParams(flow.flow_steps, flow.eta, flow.nu), flow.extra_steps, gen, device)
-    return x.clamp(-1, 1).float().cpu().numpy()
-
-
-def sample_local(net: nn.Module, prior: Prior, pairing_name: str, flow: FlowSettings, n: int,
-                 seed: int, batch: int = CHUNK, device="cpu") -> np.ndarray:
-    """N samples in this process; the same chunks, hence the same array, as the distributed path."""
-    return np.concatenate([sample_chunk(net, prior, pairing_name, flow, seed, i, size, device)
-                           for i, _, size in chunks(n, batch)])
 
 
 class _SamplerActor:
@@ -98,11 +43,12 @@ class _SamplerActor:
         self.net.load_state_dict({k: torch.tensor(v) for k, v in state.items()})
         self.net.to(self.device).eval().requires_grad_(False)
         self.prior = prior.to(self.device)
-        self.pairing_name, self.flow = pairing_name, flow
+        self.pairing, self.flow = get_pairing(pairing_name), flow
 
     def sample(self, seed: int, index: int, size: int) -> np.ndarray:
-        return sample_chunk(self.net, self.prior, self.pairing_name, self.flow, seed, index, size,
-                            self.device)
+        part = sample_chunk(self.net, self.pairing, self.flow, seed, index, size, prior=self.prior,
+                            device=self.device)
+        return part.x.clamp(-1, 1).numpy()
 
 
 def sample_distributed(model, n: int, seed: int, workers: int, batch: int = CHUNK,
@@ -167,7 +113,7 @@ def sample_to_dir(model_uri: str, n: int, out_dir: str | Path, seed: int = 0, wo
                   progress: bool = True, **flow_overrides) -> dict:
     """What ``jobs/sample.py`` does: load a registered model (hash-checked, no unpickling), sample
     on Ray, write samples.npy and grid.png. Returns a summary (paths, timing, settings)."""
-    from .registry import load_fdrl_model
+    from fdrl.tracking.registry import load_fdrl_model
 
     import ray
 
@@ -183,3 +129,20 @@ def sample_to_dir(model_uri: str, n: int, out_dir: str | Path, seed: int = 0, wo
             "samples": str(npy), "grid": str(grid), "n": n, "seed": seed, "workers": workers,
             "batch": batch, "flow": asdict(flow), "seconds": seconds,
             "images_per_s": n / seconds}
+
+
+def load_samples(spec: str, n: Optional[int], seed: int, tracking_uri: Optional[str]) -> np.ndarray:
+    """Samples to refine or translate: a .npy file (N x C x H x W in [-1, 1]) or
+    models:/NAME@ALIAS of a registered FDRL generator, sampled here with its own flow."""
+    if spec.startswith("models:/"):
+        from fdrl.core.sampler import sample
+        from fdrl.tracking.registry import load_fdrl_model
+
+        source = load_fdrl_model(spec, tracking_uri)
+        drawn = sample(source.net, source.pairing, source.flow, n or 256, seed, prior=source.prior)
+        return drawn.x.clamp(-1, 1).numpy()
+    path = Path(spec)
+    if not path.is_file():
+        raise FileNotFoundError(f"input samples not found: {path} (a .npy file or models:/NAME@ALIAS)")
+    array = np.load(path, allow_pickle=False)
+    return array[:n] if n else array

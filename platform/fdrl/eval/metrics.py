@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .priors import Moments
+from fdrl.core.priors import Moments
 
 # ----------------------------------------------------------------------------- Fréchet distance
 
@@ -242,7 +242,8 @@ def shard_batches(root: str | os.PathLike, batch_size: int = 256,
     """A shard set's images in manifest order as float batches (N, C, H, W) in [-1, 1].
 
     Unreadable samples are skipped (and logged) as in training."""
-    from .data import StreamStats, iter_samples, open_shard_set
+    from fdrl.data.stream import StreamStats, iter_samples
+    from fdrl.data.manifest import open_shard_set
 
     buf: list[torch.Tensor] = []
     emitted = 0
@@ -399,7 +400,7 @@ def _default_cache_dir() -> Path:
 
 def reference_cache_name(reference_dir: str | os.PathLike, limit: Optional[int] = None) -> str:
     """The torch-fidelity cache entry of a shard set: its manifest hash (+ the sample limit)."""
-    from .shards import manifest_hash
+    from fdrl.data.manifest import manifest_hash
 
     name = f"fdrl-{manifest_hash(reference_dir)}"
     return name if limit is None else f"{name}-first{limit}"
@@ -427,7 +428,7 @@ def standard_metrics(samples: Iterable, reference_dir: str | os.PathLike,
     "num_samples" and "num_reference".
     """
     weights = resolve_fid_weights(weights_path)
-    from .data import open_shard_set
+    from fdrl.data.manifest import open_shard_set
 
     shard_set = open_shard_set(reference_dir)  # FileNotFoundError for a missing manifest
     n_ref = shard_set.total if reference_limit is None else min(reference_limit, shard_set.total)

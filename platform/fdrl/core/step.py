@@ -9,29 +9,20 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
-from .divergences import Pairing
-from .flow import check_flow_args, flow
-from .priors import Prior
+from fdrl.core.divergences import Pairing
+from fdrl.core.flow import FlowSettings
+from fdrl.core.flow import flow as run_flow
+from fdrl.core.priors import Prior
 
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or inf; the message names the step and the values."""
-
-
-@dataclass(frozen=True)
-class FlowParams:
-    steps: int  # K: flow steps per training step (sampling uses K + kappa)
-    eta: float  # step size
-    nu: float  # noise scale: x += nu * xi
-
-    def __post_init__(self):
-        check_flow_args(self.steps, self.eta, self.nu)
 
 
 @dataclass
@@ -80,14 +71,13 @@ def dequantize(x: torch.Tensor, std: float, generator: Optional[torch.Generator]
 
 
 def train_step(state: TrainState, data: torch.Tensor, prior: Prior, pairing: Pairing,
-               flow_params: FlowParams, generator: Optional[torch.Generator] = None,
+               flow: FlowSettings, generator: Optional[torch.Generator] = None,
                dequant_std: float = 0.03, ema_decay: float = 0.998) -> dict[str, float]:
     """One step; returns loss, mean log r on data and on flowed samples, grad norm and lr."""
     batch = data.shape[0]
     x0 = prior.sample(batch, generator, device=data.device)
     # Each worker flows its own batch through the plain module: no DDP hooks, no all-reduce.
-    x_flowed = flow(state.module, x0, pairing, flow_params.steps, flow_params.eta,
-                    flow_params.nu, generator)
+    x_flowed = run_flow(state.module, x0, pairing, flow.flow_steps, flow.eta, flow.nu, generator)
     x_data = dequantize(data, dequant_std, generator)
 
     state.model.train()
@@ -116,12 +106,3 @@ def train_step(state: TrainState, data: torch.Tensor, prior: Prior, pairing: Pai
             "grad_norm": grad_norm.item(),
             "lr": lr,
         }
-
-
-def sample(net: nn.Module, prior: Prior, pairing: Pairing, n: int, flow_params: FlowParams,
-           extra_steps: int, generator: Optional[torch.Generator] = None,
-           device="cpu", return_log_r: bool = False):
-    """Algorithm 2: flow n prior samples K + kappa steps with (EMA) weights ``net``."""
-    x0 = prior.sample(n, generator, device=device)
-    return flow(net, x0, pairing, flow_params.steps + extra_steps, flow_params.eta,
-                flow_params.nu, generator, return_log_r=return_log_r)

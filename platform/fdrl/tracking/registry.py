@@ -37,12 +37,13 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import load_file
 from torch import nn
 
-from .config import TrainConfig
-from .divergences import Pairing, get_pairing
-from .networks import build_network
-from .priors import Prior, check_prior_shape, load_prior, make_simple_prior
-from .shards import sha256_file
-from .train import FlowParams
+from fdrl.config import TrainConfig
+from fdrl.core.divergences import Pairing, get_pairing
+from fdrl.core.networks import build_network
+from fdrl.core.priors import Prior, check_prior_shape, load_prior, make_simple_prior
+from fdrl.data.writer import sha256_file
+from fdrl.core.flow import FlowSettings
+from fdrl.core.sampler import CHUNK
 
 log = logging.getLogger("fdrl.registry")
 
@@ -66,7 +67,7 @@ class LoadedModel:
     prior: Prior
     config: TrainConfig
     pairing: Pairing
-    flow_params: FlowParams  # K, eta, nu of the training config (sampling adds kappa)
+    flow: FlowSettings  # K, kappa, eta, nu of the training config
     name: str
     version: str
     run_id: str
@@ -94,7 +95,7 @@ def build_model_from_files(weights: str | Path, prior: Optional[str | Path],
 def _client(tracking_uri: Optional[str]):
     from mlflow.tracking import MlflowClient
 
-    from .tracking import default_tracking_uri
+    from fdrl.tracking.tracker import default_tracking_uri
 
     return MlflowClient(tracking_uri or default_tracking_uri())
 
@@ -106,8 +107,6 @@ def _signature(cfg: TrainConfig, shape: Sequence[int]):
     import numpy as np
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
-
-    from .sampling import CHUNK
 
     params = ParamSchema([ParamSpec("flow_steps", "long", cfg.flow_steps),
                           ParamSpec("extra_steps", "long", cfg.extra_steps),
@@ -138,7 +137,7 @@ def log_fdrl_model(run_id: str, checkpoint_dir: str | Path, prior_path: Optional
     import pandas as pd
     from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
-    from .tracking import default_tracking_uri
+    from fdrl.tracking.tracker import default_tracking_uri
 
     tracking_uri = tracking_uri or default_tracking_uri()
     checkpoint_dir = Path(checkpoint_dir)
@@ -266,7 +265,7 @@ def load_fdrl_model(uri: str, tracking_uri: Optional[str] = None) -> LoadedModel
     Nothing is unpickled and no code from the artifact store runs."""
     from mlflow.artifacts import download_artifacts
 
-    from .tracking import default_tracking_uri
+    from fdrl.tracking.tracker import default_tracking_uri
 
     tracking_uri = tracking_uri or default_tracking_uri()
     client = _client(tracking_uri)
@@ -294,5 +293,5 @@ def load_fdrl_model(uri: str, tracking_uri: Optional[str] = None) -> LoadedModel
             prior = load_prior(prior_file)
     net, prior, cfg = build_model(weights, prior, config)
     return LoadedModel(net, prior, cfg, get_pairing(cfg.pairing),
-                       FlowParams(cfg.flow_steps, cfg.eta, cfg.nu), name, str(mv.version),
+                       FlowSettings.from_config(cfg), name, str(mv.version),
                        mv.run_id or "")

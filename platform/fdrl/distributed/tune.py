@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import TrainConfig
-from .divergences import PAIRINGS
+from fdrl.config import TrainConfig
+from fdrl.core.divergences import PAIRINGS
 
 # ASHA metrics (all minimised). "kid": domain-feature KID of EMA samples against real data,
 # comparable across pairings. "kl": the mean log r on flowed samples, the KL diagnostic, which is
@@ -62,7 +62,7 @@ def run_trial(config: dict) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from .ray_train import run_training
+    from fdrl.distributed.train import run_training
 
     cfg = TrainConfig.from_dict(config)
     cfg.run_name = f"trial-{tune.get_context().get_trial_id()}"
@@ -178,9 +178,9 @@ def run_sweep(base: TrainConfig, spec: dict[str, Any], *, num_samples: int, metr
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from .data import open_shard_set
-    from .ray_train import ensure_prior
-    from .tracking import Tracker, default_tracking_uri
+    from fdrl.data.manifest import open_shard_set
+    from fdrl.distributed.train import ensure_prior
+    from fdrl.tracking.tracker import Tracker, default_tracking_uri
 
     if metric not in METRICS:
         raise ValueError(f"unknown sweep metric {metric!r}; valid: {', '.join(METRICS)}")
@@ -214,8 +214,8 @@ def run_sweep(base: TrainConfig, spec: dict[str, Any], *, num_samples: int, metr
     base.register = False  # only the best trial is registered, below
     base.storage = str(sweep_dir / "trials")
     if metric == "kid":
-        from .evaluation import ensure_classifier
-        from .shards import manifest_hash
+        from fdrl.eval.evaluation import ensure_classifier
+        from fdrl.data.manifest import manifest_hash
 
         base.eval_every = base.eval_every or base.log_every
         base.eval_classifier = base.eval_classifier or ensure_classifier(
@@ -281,7 +281,7 @@ def _close_trial_runs(rows: list[TrialRow], tracking_uri: str) -> None:
 
 
 def _register_best(best: TrialRow, base: TrainConfig, grid, register_name: str) -> None:
-    from .registry import log_fdrl_model
+    from fdrl.tracking.registry import log_fdrl_model
 
     trial_cfg = next(r.config for r in grid if _trial_id(r) == best.trial)
     name = register_name or f"fdrl-{base.dataset}"

@@ -4,15 +4,18 @@ across pairings (the KL diagnostic is measured by each model's own ratio estimat
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from .classifier import load_classifier, load_labeled, save_classifier, train_classifier
-from .data import ShardSet, ShardStream
-from .metrics import kid
-from .train import FlowParams, sample
+from fdrl.eval.classifier import load_classifier, load_labeled, save_classifier, train_classifier
+from fdrl.data.manifest import ShardSet
+from fdrl.data.stream import ShardStream
+from fdrl.eval.metrics import kid
+from fdrl.core.flow import FlowSettings
+from fdrl.core.sampler import sample
 
 KID_SUBSETS = 20
 
@@ -28,10 +31,10 @@ class DomainKID:
         with torch.no_grad():
             self.real = self.features(real).cpu()
 
-    def __call__(self, net, prior, pairing, flow_params: FlowParams, extra_steps: int) -> float:
-        gen = torch.Generator(device=self.device).manual_seed(self.seed)
-        x = sample(net, prior, pairing, self.n, flow_params, extra_steps, gen, self.device)
+    def __call__(self, net, prior, pairing, flow: FlowSettings) -> float:
+        x = sample(net, pairing, flow, self.n, self.seed, prior=prior, device=self.device).x
         with torch.no_grad():
+            x = x.to(self.device)
             fake = self.features(x).cpu()
         if not torch.isfinite(fake).all():
             return float("inf")
@@ -55,30 +58,21 @@ def ensure_classifier(shard_dir: str | Path, storage: Path, manifest: str, epoch
 # ------------------------------------------------------------------ offline model evaluation
 
 
-def flow_stages(model, n: int, seed: int, extra_steps: int, batch: int = 256) -> dict:
+def flow_stages(model, n: int, seed: int, flow: FlowSettings) -> dict:
     """Prior samples, after K steps and after K + kappa steps (one continued flow, so the
     stages are the same trajectories), and the mean log r at every step: the KL curve."""
-    from .flow import flow
-
-    fp = model.flow_params
-    gen = torch.Generator().manual_seed(seed)
-    stages = {"prior": [], "K": [], "K+kappa": []}
-    curve = torch.zeros(fp.steps + extra_steps + 1)
-    for start in range(0, n, batch):
-        size = min(batch, n - start)
-        x0 = model.prior.sample(size, gen)
-        xk, trace_k = flow(model.net, x0, model.pairing, fp.steps, fp.eta, fp.nu, gen, return_log_r=True)
-        xkk, trace_e = flow(model.net, xk, model.pairing, extra_steps, fp.eta, fp.nu, gen, return_log_r=True)
-        for name, x in (("prior", x0), ("K", xk), ("K+kappa", xkk)):
-            stages[name].append(x)
-        curve += torch.cat([trace_k, trace_e[1:]]) * size
-    return {"samples": {k: torch.cat(v) for k, v in stages.items()}, "kl_curve": (curve / n).tolist()}
+    k, total = flow.flow_steps, flow.sampling_steps
+    drawn = sample(model.net, model.pairing, flow, n, seed, prior=model.prior,
+                   record=(0, k, total), trace=True)
+    names = {0: "prior", k: "K", total: "K+kappa"}
+    return {"samples": {names[s]: drawn.stages[s] for s in (0, k, total)},
+            "kl_curve": drawn.log_r.tolist()}
 
 
 def stage_metrics(features, samples: dict, real_a: torch.Tensor, real_b: torch.Tensor,
                   seed: int = 0) -> dict[str, dict]:
     """Domain FD/KID/precision/recall of each stage against real_a, plus real_b vs real_a."""
-    from .metrics import feature_metrics
+    from fdrl.eval.metrics import feature_metrics
 
     kid_size = max(2, min(1000, len(real_a) // 2))  # subsets smaller than the sets, so they vary
     out = {}
@@ -98,12 +92,10 @@ def nearest_neighbours(queries: torch.Tensor, train: torch.Tensor, features, k: 
     return {"pixel": knn(queries, train), "feature": knn(features(queries), train_feats)}
 
 
-def interpolation(model, rows: int, cols: int, seed: int, extra_steps: int) -> torch.Tensor:
+def interpolation(model, rows: int, cols: int, seed: int, flow: FlowSettings) -> torch.Tensor:
     """Prior-space interpolation: between pairs of prior draws along the variance-preserving path
     mu + cos(t) (a - mu) + sin(t) (b - mu), t in [0, pi/2], each point flowed K + kappa steps
     without noise, so neighbouring images differ only by where they started."""
-    from .flow import flow
-
     gen = torch.Generator().manual_seed(seed)
     a, b = model.prior.sample(rows, gen), model.prior.sample(rows, gen)
     mean = getattr(model.prior, "mean", None)
@@ -111,5 +103,5 @@ def interpolation(model, rows: int, cols: int, seed: int, extra_steps: int) -> t
     t = torch.linspace(0, torch.pi / 2, cols)
     path = torch.stack([mu + torch.cos(s) * (a - mu) + torch.sin(s) * (b - mu) for s in t], dim=1)
     flat = path.reshape(rows * cols, *a.shape[1:])
-    fp = model.flow_params
-    return flow(model.net, flat, model.pairing, fp.steps + extra_steps, fp.eta, 0.0)
+    noiseless = dataclasses.replace(flow, nu=0.0)
+    return sample(model.net, model.pairing, noiseless, seed=seed, start=flat).x

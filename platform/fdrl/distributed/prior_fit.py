@@ -10,8 +10,10 @@ import time
 import ray
 import torch
 
-from .data import ShardSet, StreamStats, iter_samples
-from .priors import Moments, Prior, Sketch, fit_full, fit_lowrank
+from fdrl.data.manifest import ShardSet
+
+from fdrl.data.stream import StreamStats, iter_samples
+from fdrl.core.priors import Moments, Prior, Sketch, fit_full, fit_lowrank
 
 SKETCH_OVERSAMPLE = 10  # extra sketch columns beyond the rank, for accuracy of the top eigenpairs
 FULL_MAX_DIM = 64 * 64 * 3  # above this a d x d float64 matrix per task is too big: use the sketch

@@ -6,12 +6,13 @@ Only input gradients are taken: parameters never accumulate ``.grad``, and no gr
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 from torch import nn
 
-from .divergences import Pairing
+from fdrl.core.divergences import Pairing
 
 # An extra per-sample potential added to f'(r(x)), e.g. -phi * log p(y|x) for class-conditional
 # generation. It maps a batch x to a tensor of shape (batch,).
@@ -25,6 +26,33 @@ def check_flow_args(steps: int, eta: float, nu: float) -> None:
         raise ValueError(f"flow step size eta must be > 0, got {eta!r}")
     if not nu >= 0:
         raise ValueError(f"flow noise nu must be >= 0, got {nu!r}")
+
+
+@dataclass(frozen=True)
+class FlowSettings:
+    """The flow of a model: K steps in training, K + kappa when sampling, step eta, noise nu."""
+
+    flow_steps: int  # K
+    extra_steps: int  # kappa
+    eta: float
+    nu: float
+
+    def __post_init__(self):
+        check_flow_args(self.flow_steps, self.eta, self.nu)
+        if not isinstance(self.extra_steps, int) or self.extra_steps < 0:
+            raise ValueError(f"extra flow steps kappa must be an integer >= 0, got {self.extra_steps!r}")
+
+    @property
+    def sampling_steps(self) -> int:
+        return self.flow_steps + self.extra_steps
+
+    @classmethod
+    def from_config(cls, config, **overrides) -> "FlowSettings":
+        """From any object with flow_steps, extra_steps, eta and nu; None overrides are ignored."""
+        base = dict(flow_steps=config.flow_steps, extra_steps=config.extra_steps,
+                    eta=config.eta, nu=config.nu)
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**base)
 
 
 def flow(

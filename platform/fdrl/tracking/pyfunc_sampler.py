@@ -21,7 +21,7 @@ from mlflow.pyfunc import PythonModel
 
 class FDRLSampler(PythonModel):
     def load_context(self, context):
-        from fdrl.registry import build_model_from_files
+        from fdrl.tracking.registry import build_model_from_files
 
         a = context.artifacts
         self.net, self.prior, self.config = build_model_from_files(
@@ -29,15 +29,18 @@ class FDRLSampler(PythonModel):
 
     # A DataFrame hint: MLflow keeps the explicit signature (n, seed) instead of inferring one.
     def predict(self, context, model_input: pd.DataFrame, params=None) -> np.ndarray:
-        from fdrl.sampling import CHUNK, FlowSettings, sample_local
+        from fdrl.core.divergences import get_pairing
+        from fdrl.core.flow import FlowSettings
+        from fdrl.core.sampler import CHUNK, sample
 
         params = dict(params or {})
-        batch = int(params.pop("batch", None) or CHUNK)
+        chunk = int(params.pop("batch", None) or CHUNK)
         flow = FlowSettings.from_config(self.config, **params)
+        pairing = get_pairing(self.config.pairing)
         rows = pd.DataFrame(model_input).to_dict("records")
         return np.concatenate([
-            sample_local(self.net, self.prior, self.config.pairing, flow, int(row["n"]),
-                         int(row["seed"]), batch) for row in rows])
+            sample(self.net, pairing, flow, int(row["n"]), int(row["seed"]), prior=self.prior,
+                   chunk=chunk).x.clamp(-1, 1).numpy() for row in rows])
 
 
 mlflow.models.set_model(FDRLSampler())

@@ -14,7 +14,6 @@ that does not decode as an image, or a sample without an image is skipped and co
 from __future__ import annotations
 
 import io
-import json
 import logging
 import tarfile
 import zlib
@@ -23,48 +22,12 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
+from .manifest import ShardSet
+
 log = logging.getLogger(__name__)
-MANIFEST = "manifest.parquet"
-
-
-@dataclass(frozen=True)
-class ShardSet:
-    root: Path
-    shards: tuple[str, ...]  # paths relative to root
-    counts: tuple[int, ...]
-    resolution: int
-    channels: int
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return (self.channels, self.resolution, self.resolution)
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts)
-
-
-def open_shard_set(path: str | Path) -> ShardSet:
-    """Read a shard directory's ``manifest.parquet`` (or the manifest file itself)."""
-    path = Path(path)
-    manifest = path / MANIFEST if path.is_dir() else path
-    if not path.exists():
-        raise FileNotFoundError(f"data path does not exist: {path}")
-    if not manifest.is_file():
-        raise FileNotFoundError(
-            f"no {MANIFEST} in {path}: prepare the data with datasets/prepare.py first")
-    table = pq.read_table(manifest)
-    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
-    rows = table.to_pylist()
-    if not rows:
-        raise ValueError(f"manifest {manifest} lists no shards")
-    return ShardSet(manifest.parent, tuple(r["shard"] for r in rows),
-                    tuple(int(r["count"]) for r in rows), int(json.loads(meta["resolution"])),
-                    int(json.loads(meta["channels"])))
 
 
 @dataclass

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .train import TrainState
+from fdrl.core.step import TrainState
 
 
 def save_checkpoint(directory: str | Path, state: TrainState, config: dict,

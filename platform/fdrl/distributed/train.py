@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import time
 from datetime import datetime
@@ -22,16 +21,20 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .checkpoint import load_checkpoint, save_checkpoint
-from .config import TrainConfig
-from .data import ShardStream, open_shard_set
-from .divergences import get_pairing
-from .images import save_grid
-from .networks import build_network
-from .priors import check_prior_shape, load_prior, make_simple_prior
-from .train import FlowParams, make_state, sample, train_step
+from fdrl.distributed.checkpoint import load_checkpoint, save_checkpoint
+from fdrl.config import TrainConfig
+from fdrl.data.stream import ShardStream
+from fdrl.data.manifest import open_shard_set
+from fdrl.core.divergences import get_pairing
+from fdrl.data.images import save_grid
+from fdrl.core.networks import build_network
+from fdrl.core.priors import check_prior_shape, load_prior, make_simple_prior
+from fdrl.core.flow import FlowSettings
+from fdrl.core.sampler import sample
+from fdrl.core.step import make_state, train_step
 
 RUN_INFO = "fdrl_run.json"  # in the run directory: the MLflow run id, for --resume
+GRID_SEED_OFFSET = 12345  # grids draw from their own seed, apart from the training stream
 
 
 def _rank_state(generator: torch.Generator, stream: ShardStream) -> dict:
@@ -60,7 +63,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from .tracking import Tracker
+    from fdrl.tracking.tracker import Tracker
 
     cfg = TrainConfig.from_dict(config)
     ctx = ray.train.get_context()
@@ -72,7 +75,7 @@ def train_loop_per_worker(config: dict) -> None:
     shard_set = open_shard_set(cfg.data)
     prior = _load_prior(cfg, shard_set.shape).to(device)
     pairing = get_pairing(cfg.pairing)
-    flow_params = FlowParams(cfg.flow_steps, cfg.eta, cfg.nu)
+    flow = FlowSettings.from_config(cfg)
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     module = build_network(cfg.arch).to(device)
@@ -105,7 +108,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     evaluator = None
     if rank == 0 and cfg.eval_every:
-        from .evaluation import DomainKID
+        from fdrl.eval.evaluation import DomainKID
 
         evaluator = DomainKID(cfg.eval_classifier, shard_set, cfg.eval_samples, cfg.seed, device,
                               cfg.tracking_uri or None)
@@ -116,7 +119,7 @@ def train_loop_per_worker(config: dict) -> None:
         step_start = time.perf_counter()
         data = next(batches).to(device)
         _maybe_inject_failure(cfg, state.step, run_dir)
-        metrics = train_step(state, data, prior, pairing, flow_params, generator,
+        metrics = train_step(state, data, prior, pairing, flow, generator,
                              cfg.dequant, cfg.ema)
         window_steps += 1
         step = state.step
@@ -130,13 +133,13 @@ def train_loop_per_worker(config: dict) -> None:
                        skipped_samples=stream.stats.skipped)
         window_start, window_steps = time.perf_counter(), 0
         if evaluator is not None and (step % cfg.eval_every == 0 or final or last_kid is None):
-            last_kid = evaluator(state.ema, prior, pairing, flow_params, cfg.extra_steps)
+            last_kid = evaluator(state.ema, prior, pairing, flow)
         if last_kid is not None:
             metrics["kid"] = last_kid  # every report carries it, for ASHA
         tracker.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step)
 
         if step % cfg.sample_every == 0 or final:
-            grid = _sample_grid(cfg, state, prior, pairing, flow_params, device, run_dir, rank)
+            grid = _sample_grid(cfg, state, prior, pairing, flow, device, run_dir, rank)
             if grid is not None:
                 tracker.log_artifact(grid, "samples")
         if step % cfg.checkpoint_every == 0 or final:
@@ -154,12 +157,12 @@ def train_loop_per_worker(config: dict) -> None:
                   f"flowed {metrics['log_r_flowed']:+.3f} {metrics['images_per_s']:.1f} img/s", flush=True)
 
 
-def _sample_grid(cfg, state, prior, pairing, flow_params, device, run_dir, rank):
-    """EMA samples with K + kappa flow steps, seeded by the step so grids are comparable."""
+def _sample_grid(cfg, state, prior, pairing, flow, device, run_dir, rank):
+    """EMA samples with K + kappa flow steps, the same seed at every step so grids compare."""
     if rank != 0:
         return None
-    gen = torch.Generator(device=device).manual_seed(cfg.seed + 12345)
-    x = sample(state.ema, prior, pairing, cfg.grid_size, flow_params, cfg.extra_steps, gen, device)
+    x = sample(state.ema, pairing, flow, cfg.grid_size, cfg.seed + GRID_SEED_OFFSET, prior=prior,
+               device=device).x
     return save_grid(x, run_dir / "samples" / f"step_{state.step:07d}.png")
 
 
@@ -194,8 +197,8 @@ def ensure_prior(cfg: TrainConfig, shard_set, storage: Path) -> str:
     """Fit the data-dependent prior once per dataset manifest; returns its path ('' if none)."""
     if cfg.prior_path or cfg.prior not in ("full", "lowrank"):
         return cfg.prior_path
-    from .prior_fit import fit_prior_distributed
-    from .shards import manifest_hash
+    from fdrl.distributed.prior_fit import fit_prior_distributed
+    from fdrl.data.manifest import manifest_hash
 
     path = storage / "priors" / f"{manifest_hash(shard_set.root)[:16]}-{cfg.prior}-{cfg.prior_rank}.safetensors"
     if path.exists():
@@ -215,8 +218,8 @@ def run_training(cfg: TrainConfig, callbacks: Optional[list] = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from .shards import manifest_hash
-    from .tracking import Tracker, default_tracking_uri, git_commit
+    from fdrl.data.manifest import manifest_hash
+    from fdrl.tracking.tracker import Tracker, default_tracking_uri, git_commit
 
     cfg.validate()
     # Resolved here: workers run in other directories, where the sqlite default would differ.
@@ -273,7 +276,7 @@ def run_training(cfg: TrainConfig, callbacks: Optional[list] = None):
         with result.checkpoint.as_directory() as d:
             tracker.log_artifact(d, "checkpoint")
             if tracker.run_id and cfg.register:  # MLflow reachable: register the EMA model (warns, never raises)
-                from .registry import register_trained
+                from fdrl.tracking.registry import register_trained
 
                 result.fdrl_model_uri = register_trained(cfg, d)
     tracker.end("FINISHED")

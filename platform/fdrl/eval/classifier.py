@@ -52,7 +52,8 @@ def load_labeled(root: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor, l
     """All labelled samples of a shard set, in manifest order: images (N, C, H, W) in [-1, 1],
     labels (N,) int64 from each sample's ``.cls`` member, and keys. Samples without a label or
     with an unreadable image are skipped (and logged), as in training."""
-    from .data import StreamStats, iter_samples, open_shard_set
+    from fdrl.data.stream import StreamStats, iter_samples
+    from fdrl.data.manifest import open_shard_set
 
     stats = StreamStats()
     images, labels, keys = [], [], []
@@ -292,7 +293,7 @@ def register_classifier(result: TrainResult, *, tracking_uri: Optional[str] = No
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from .tracking import default_tracking_uri, ensure_experiment, flatten_params, git_commit
+    from fdrl.tracking.tracker import default_tracking_uri, ensure_experiment, flatten_params, git_commit
 
     tracking_uri = tracking_uri or default_tracking_uri()
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)

@@ -1,0 +1,6 @@
+"""The methods' maths: FDRL and the DGflow-style refinement, in plain torch.
+
+Nothing here imports Ray or MLflow (a test enforces it). ``divergences`` (losses and f'),
+``flow`` (the Euler-Maruyama flow and its settings), ``priors``, ``networks``, ``step`` (one
+training step) and ``sampler`` (the one sampler every caller uses).
+"""

@@ -1,0 +1,1 @@
+"""Evaluation: sample-quality metrics, feature networks, and model evaluation along the flow."""
