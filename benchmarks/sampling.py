@@ -19,12 +19,12 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 def register_random_model(root: Path) -> tuple[str, str]:
     import torch
 
-    from fdrl.checkpoint import save_checkpoint
+    from fdrl.distributed.checkpoint import save_checkpoint
     from fdrl.config import TrainConfig
-    from fdrl.networks import build_network
-    from fdrl.registry import log_fdrl_model
-    from fdrl.tracking import Tracker
-    from fdrl.train import make_state
+    from fdrl.core.networks import build_network
+    from fdrl.tracking.registry import log_fdrl_model
+    from fdrl.tracking.tracker import Tracker
+    from fdrl.core.step import make_state
 
     uri = f"sqlite:///{root}/mlflow.db"
     torch.manual_seed(0)
@@ -47,8 +47,8 @@ def main():
     import numpy as np
     import ray
 
-    from fdrl.registry import load_fdrl_model
-    from fdrl.sampling import sample_distributed
+    from fdrl.tracking.registry import load_fdrl_model
+    from fdrl.distributed.sampling import sample_distributed
 
     ray.init(num_cpus=2)  # with the dashboard: Train's placement-group cleaner needs its State API
     model_uri, uri = register_random_model(Path(tempfile.mkdtemp(prefix="fdrl-bench-")))

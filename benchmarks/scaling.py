@@ -21,7 +21,7 @@ from PIL import Image  # noqa: E402
 
 def synthetic_shards(root: Path) -> Path:
     """Random 32x32 RGB images: compute does not depend on content."""
-    from fdrl.shards import convert
+    from fdrl.data.writer import convert
 
     images = root / "images"
     images.mkdir(parents=True)
@@ -42,7 +42,7 @@ def main():
     from mlflow.tracking import MlflowClient
 
     from fdrl.config import TrainConfig
-    from fdrl.ray_train import run_training
+    from fdrl.distributed.train import run_training
 
     ray.init(num_cpus=2)  # with the dashboard: Train's placement-group cleaner needs its State API
     tmp = Path(tempfile.mkdtemp(prefix="fdrl-scaling-"))

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fdrl.divergences import PAIRINGS
-from fdrl.toy import DATASETS, make_toy, toy_metrics
+from fdrl.core.divergences import PAIRINGS
+from fdrl.data.toy import DATASETS, make_toy, toy_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 

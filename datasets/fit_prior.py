@@ -39,7 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from fdrl.data import open_shard_set
+    from fdrl.data.manifest import open_shard_set
 
     try:
         shard_set = open_shard_set(args.data)
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from fdrl.prior_fit import fit_prior_distributed
+    from fdrl.distributed.prior_fit import fit_prior_distributed
 
     if not ray.is_initialized():
         ray.init()  # RAY_ADDRESS, or the cluster of a `ray job submit`, else a local Ray

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fdrl.shards import SOURCES, ManifestInfo, convert, convert_cat2dog
+from fdrl.data.writer import SOURCES, ManifestInfo, convert, convert_cat2dog
 
 KINDS = [*SOURCES, "cat2dog"]
 
