@@ -1,0 +1,287 @@
+"""Dataset preparation: raw datasets -> webdataset tar shards at the training resolution + a manifest.
+
+Pipeline: a *reader* yields ``(key, payload, label)`` items in a deterministic (sorted) order; each
+item is decoded and preprocessed with PIL, encoded as a lossless PNG and written into shards.
+
+Shard set layout (one directory per set)::
+
+    NAME-000000.tar       samples i*shard_size .. (i+1)*shard_size-1 of the input order
+    NAME-000000.tar.json  sidecar: count, size, sha256, skipped inputs, conversion parameters
+    ...
+    manifest.parquet      one row per shard; written last, so its presence means "complete"
+
+Sample format (webdataset conventions): members ``KEY.png`` (the processed image, mode RGB or L)
+and ``KEY.cls`` (decimal label as ASCII text, only when the source has labels). ``KEY`` is
+``{input index:08d}_{slug of the source key}``: unique, deterministic and free of dots (webdataset
+splits a member name at the first dot).
+
+Resume: input item i always lands in shard i // shard_size, so a rerun skips every shard whose
+sidecar matches (same parameters, same input keys, same tar size) without decoding its images.
+Undecodable inputs are skipped and recorded (key + error), never fatal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import tarfile
+import time
+from dataclasses import dataclass
+from functools import partial
+from itertools import islice
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+from PIL import Image
+from tqdm import tqdm
+
+from .atomic import atomic_path
+from .hashing import sha256_file
+from .manifest import MANIFEST_NAME, manifest_hash, write_manifest
+from .readers import (CAT2DOG_DOMAINS, IMAGE_EXTENSIONS, MNIST_SOURCE, PREPROCESSORS, Item, Payload,
+                      existing, process, read_celeba, read_cifar10, read_folder, read_lsun,
+                      read_mnist)
+
+FORMAT_VERSION = 1
+
+@dataclass(frozen=True)
+class ManifestInfo:
+    """What a conversion produced (also recoverable later with ``read_manifest``)."""
+
+    out_dir: Path
+    dataset: str
+    total_count: int
+    shard_count: int
+    reused_shards: int
+    skipped: list[dict]
+    resolution: int
+    channels: int
+    manifest_hash: str
+    seconds: float
+
+    @property
+    def manifest(self) -> Path:
+        return self.out_dir / MANIFEST_NAME
+
+    @property
+    def skipped_count(self) -> int:
+        return len(self.skipped)
+
+
+def _sample_key(index: int, source_key: str) -> str:
+    stem, ext = os.path.splitext(source_key)
+    if ext.lower() not in IMAGE_EXTENSIONS:
+        stem = source_key
+    slug = re.sub(r"[^A-Za-z0-9_-]+", "_", stem).strip("_")[:64]
+    return f"{index:08d}_{slug}" if slug else f"{index:08d}"
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    # Fixed metadata (mtime, owner) so the same samples always give the same bytes and sha256.
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _keys_digest(chunk: list[Item]) -> str:
+    return hashlib.sha256("\n".join(key for key, _, _ in chunk).encode()).hexdigest()
+
+
+def _reusable_record(tar_path: Path, params: dict, keys_digest: str) -> dict | None:
+    """The sidecar of a complete shard made from these inputs with these parameters, else None."""
+    sidecar = tar_path.with_name(tar_path.name + ".json")
+    try:
+        record = json.loads(sidecar.read_text())
+        size = tar_path.stat().st_size
+    except (OSError, ValueError):
+        return None
+    if record.get("params") != params or record.get("keys_sha256") != keys_digest:
+        return None
+    return record if record.get("bytes") == size else None
+
+
+def _write_shard(
+    tar_path: Path, chunk: list[Item], first_index: int, encode: Callable[[Payload], bytes],
+    params: dict, keys_digest: str, on_item: Callable[[], Any],
+) -> dict:
+    """Write one shard and then its sidecar, the sidecar being the shard's commit record.
+
+    The old sidecar goes first, so a crash at any point leaves no sidecar vouching for a tar it
+    does not describe.
+    """
+    sidecar = tar_path.with_name(tar_path.name + ".json")
+    sidecar.unlink(missing_ok=True)
+    count, skipped = 0, []
+    with atomic_path(tar_path) as tmp, tarfile.open(tmp, "w") as tar:
+        for offset, (key, payload, label) in enumerate(chunk):
+            try:
+                png = encode(payload)
+            except Exception as exc:  # any decoder failure on untrusted input means "skip it"
+                skipped.append({"key": key, "error": f"{type(exc).__name__}: {exc}"})
+                continue
+            finally:
+                on_item()
+            sample_key = _sample_key(first_index + offset, key)
+            _add_member(tar, f"{sample_key}.png", png)
+            if label is not None:
+                _add_member(tar, f"{sample_key}.cls", str(label).encode())
+            count += 1
+    record = {
+        "shard": tar_path.name, "count": count, "bytes": tar_path.stat().st_size,
+        "sha256": sha256_file(tar_path), "skipped": skipped,
+        "params": params, "keys_sha256": keys_digest,
+    }
+    with atomic_path(sidecar) as tmp:
+        tmp.write_text(json.dumps(record, indent=1))
+    return record
+
+
+def _chunks(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
+    iterator = iter(items)
+    while chunk := list(islice(iterator, size)):
+        yield chunk
+
+
+def _remove_stale_shards(out_dir: Path, dataset: str, shard_count: int) -> None:
+    """Drop shards of an earlier, longer run (e.g. without ``limit``) so globs see only this set."""
+    pattern = re.compile(rf"{re.escape(dataset)}-(\d{{6}})\.tar(\.json)?")
+    for path in out_dir.iterdir():
+        match = pattern.fullmatch(path.name)
+        if match and int(match.group(1)) >= shard_count:
+            path.unlink()
+
+
+def write_shards(
+    items: Iterable[Item], out_dir: str | os.PathLike, *, dataset: str, source: str,
+    preprocess: str, resolution: int, mode: str, shard_size: int = 1000,
+    limit: int | None = None, progress: bool = True,
+) -> ManifestInfo:
+    """Write ``items`` as shards ``{dataset}-NNNNNN.tar`` plus ``manifest.parquet`` in ``out_dir``.
+
+    Shards already complete on disk are kept; the manifest is removed first and written last.
+    """
+    if preprocess not in PREPROCESSORS:
+        raise ValueError(f"unknown preprocess {preprocess!r}; valid: {sorted(PREPROCESSORS)}")
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be positive, got {shard_size}")
+    start = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
+    params = {"format_version": FORMAT_VERSION, "dataset": dataset, "preprocess": preprocess,
+              "resolution": resolution, "mode": mode}
+    encode = partial(process, preprocess=preprocess, resolution=resolution, mode=mode)
+    records, reused = [], 0
+    with tqdm(total=limit, desc=dataset, unit="img", disable=not progress) as bar:
+        for index, chunk in enumerate(_chunks(islice(items, limit), shard_size)):
+            tar_path = out_dir / f"{dataset}-{index:06d}.tar"
+            digest = _keys_digest(chunk)
+            record = _reusable_record(tar_path, params, digest)
+            if record is None:
+                record = _write_shard(tar_path, chunk, index * shard_size, encode, params, digest,
+                                      partial(bar.update, 1))
+            else:
+                reused += 1
+                bar.update(len(chunk))
+            records.append(record)
+    if not records:
+        raise ValueError(f"no input images found in {source}")
+    _remove_stale_shards(out_dir, dataset, len(records))
+    skipped = [entry for record in records for entry in record["skipped"]]
+    total = sum(record["count"] for record in records)
+    channels = len(Image.new(mode, (1, 1)).getbands())
+    write_manifest(out_dir, records, source=source, metadata={
+        "format_version": FORMAT_VERSION, "dataset": dataset, "resolution": resolution,
+        "channels": channels, "mode": mode, "preprocess": preprocess, "shard_size": shard_size,
+        "total_count": total, "skipped_count": len(skipped), "skipped": skipped,
+    })
+    return ManifestInfo(
+        out_dir=out_dir, dataset=dataset, total_count=total,
+        shard_count=len(records), reused_shards=reused, skipped=skipped, resolution=resolution,
+        channels=channels, manifest_hash=manifest_hash(out_dir),
+        seconds=time.perf_counter() - start,
+    )
+
+
+# ---------------------------------------------------------------------------- entry points
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    reader: Callable[[Path | None, str | None], Iterator[Item]]
+    preprocess: str
+    resolution: int  # default training resolution
+    mode: str
+
+
+SOURCES: dict[str, SourceSpec] = {
+    "folder": SourceSpec(lambda path, split: read_folder(path), "resize", 64, "RGB"),
+    "lsun": SourceSpec(lambda path, split: read_lsun(path), "resize", 128, "RGB"),
+    "celeba": SourceSpec(lambda path, split: read_celeba(path), "center_crop_then_resize", 64,
+                         "RGB"),
+    "cifar10": SourceSpec(lambda path, split: read_cifar10(path, split or "train"), "resize", 32,
+                          "RGB"),
+    "mnist": SourceSpec(lambda path, split: read_mnist(), "pad", 32, "L"),
+}
+CAT2DOG = SourceSpec(lambda path, split: read_folder(path), "resize_then_center_crop", 64, "RGB")
+
+
+def convert(
+    kind: str, input_path: str | os.PathLike | None, out_dir: str | os.PathLike, *,
+    resolution: int | None = None, shard_size: int = 1000, split: str | None = None,
+    limit: int | None = None, progress: bool = True,
+) -> ManifestInfo:
+    """Convert one source into a shard set in ``out_dir``.
+
+    ``kind`` is one of ``SOURCES`` (cat2dog has one set per domain: see ``convert_cat2dog``).
+    ``input_path`` is ignored for mnist. ``split`` is for cifar10 ("train", the default, or
+    "test"). ``limit`` keeps the first N input items.
+    """
+    if kind not in SOURCES:
+        raise ValueError(f"unknown source kind {kind!r}; valid: {sorted(SOURCES)} "
+                         "(cat2dog: use convert_cat2dog)")
+    spec = SOURCES[kind]
+    if kind == "mnist":
+        source = MNIST_SOURCE
+    elif input_path is None:
+        raise ValueError(f"source kind {kind!r} needs an input path")
+    else:
+        input_path = existing(input_path)
+        source = str(input_path)
+    dataset = f"{kind}-{split or 'train'}" if kind == "cifar10" else kind
+    return write_shards(
+        spec.reader(input_path, split), out_dir, dataset=dataset, source=source,
+        preprocess=spec.preprocess, resolution=resolution or spec.resolution, mode=spec.mode,
+        shard_size=shard_size, limit=limit, progress=progress,
+    )
+
+
+def convert_cat2dog(
+    root: str | os.PathLike, out_dir: str | os.PathLike, *, resolution: int | None = None,
+    shard_size: int = 1000, limit: int | None = None, progress: bool = True,
+) -> dict[str, ManifestInfo]:
+    """One shard set per domain folder present in ``root`` (``out_dir/trainA``, ...)."""
+    root = existing(root)
+    domains = [d for d in CAT2DOG_DOMAINS if (root / d).is_dir()]
+    if not domains:
+        raise FileNotFoundError(f"no cat2dog domain folder {list(CAT2DOG_DOMAINS)} in {root}")
+    return {
+        domain: write_shards(
+            CAT2DOG.reader(root / domain, None), Path(out_dir) / domain,
+            dataset=f"cat2dog-{domain}", source=str(root / domain),
+            preprocess=CAT2DOG.preprocess, resolution=resolution or CAT2DOG.resolution,
+            mode=CAT2DOG.mode, shard_size=shard_size, limit=limit, progress=progress,
+        )
+        for domain in domains
+    }
+
+
+def ensure_mnist_shards(out_dir: str | os.PathLike, *, progress: bool = False) -> Path:
+    """MNIST-5k shards in ``out_dir``, built only when its manifest is missing (fresh checkout)."""
+    out_dir = Path(out_dir)
+    if not (out_dir / MANIFEST_NAME).exists():
+        convert("mnist", None, out_dir, progress=progress)
+    return out_dir
