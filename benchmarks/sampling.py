@@ -7,13 +7,11 @@ Prints a markdown table (best of --repeats runs) and the speed-up rate(2) / rate
 Usage: python benchmarks/sampling.py [--n 256] [--repeats 2]"""
 
 import argparse
-import os
 import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+import fdrl  # noqa: F401  (environment defaults before Ray and MLflow: fdrl/env.py)
 
 
 def register_random_model(root: Path) -> tuple[str, str]:

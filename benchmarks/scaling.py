@@ -6,17 +6,14 @@ first, which holds start-up) and the weak-scaling efficiency = rate(2) / (2 * ra
 Usage: python benchmarks/scaling.py [--steps 24]"""
 
 import argparse
-import os
 import statistics
 import tempfile
 from pathlib import Path
 
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+import fdrl  # noqa: F401  (environment defaults before Ray and MLflow: fdrl/env.py)
 
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+from PIL import Image
 
 
 def synthetic_shards(root: Path) -> Path:

@@ -13,13 +13,12 @@ Starts a local Ray, or connects to a running cluster when RAY_ADDRESS is set (or
 
 from __future__ import annotations
 
-import os
 
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+import fdrl  # noqa: F401  (environment defaults before Ray and MLflow: fdrl/env.py)
 
-import argparse  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import sys
+from pathlib import Path
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -6,17 +6,16 @@ interpolation grid. Everything is logged to an MLflow evaluation run linked to t
     python jobs/evaluate.py --model models:/fdrl-mnist@candidate --out runs/eval --promote-if-better fd
 """
 
-import os
 
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+import fdrl  # noqa: F401  (environment defaults before Ray and MLflow: fdrl/env.py)
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import re  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
 
-import torch  # noqa: E402
+import torch
 
 METRICS = ("fd", "kid_mean", "precision", "recall")
 

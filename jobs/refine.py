@@ -7,17 +7,16 @@ Writes DIR/refined.npy, DIR/before_after.png (odd rows before, even rows after),
 DIR/kl.png (the KL diagnostic, mean log r, at every step), and logs them to an MLflow run.
 """
 
-import os
 
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+import fdrl  # noqa: F401  (environment defaults before Ray and MLflow: fdrl/env.py)
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import json
+import sys
+from pathlib import Path
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
 
 def main(argv=None):

@@ -14,10 +14,10 @@ register their final checkpoint themselves (alias candidate).
 
 import os
 
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+import fdrl  # noqa: F401  (environment defaults before Ray and MLflow: fdrl/env.py)
 
-import argparse  # noqa: E402
-import sys  # noqa: E402
+import argparse
+import sys
 
 
 def main(argv=None) -> int:

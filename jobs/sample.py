@@ -9,17 +9,15 @@ samples for any --workers. Runs as `python jobs/sample.py` (local Ray) or under
 `ray job submit` (the cluster's workers; one GPU each when it has GPUs).
 """
 
-import os
 
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+import fdrl  # noqa: F401  (environment defaults before Ray and MLflow: fdrl/env.py)
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import json
+import sys
+from pathlib import Path
 
-from fdrl.distributed.sampling import CHUNK, sample_to_dir  # noqa: E402
+from fdrl.distributed.sampling import CHUNK, sample_to_dir
 
 
 def main(argv=None) -> int:

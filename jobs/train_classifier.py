@@ -8,18 +8,17 @@ The split is deterministic: 10% of the samples, chosen by a hash of their keys, 
     python jobs/train_classifier.py --epochs 12 --out runs/classifier
 """
 
-import os
 
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+import fdrl  # noqa: F401  (environment defaults before Ray and MLflow: fdrl/env.py)
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import json
+import sys
+from pathlib import Path
 
-import torch  # noqa: E402
+import torch
 
-from fdrl.eval.classifier import (DEFAULT_EXPERIMENT, DEFAULT_NAME, load_labeled,  # noqa: E402
+from fdrl.eval.classifier import (DEFAULT_EXPERIMENT, DEFAULT_NAME, load_labeled,
                              register_classifier, save_classifier, strided_subset,
                              train_classifier)
 

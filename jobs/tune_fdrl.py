@@ -13,23 +13,20 @@ A search-space YAML maps training fields to {choice: [...]}, {loguniform: [a, b]
 {uniform: [a, b]}, {grid: [...]} or a constant; it replaces the default space.
 """
 
-import os
 
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+import fdrl  # noqa: F401  (environment defaults before Ray and MLflow: fdrl/env.py)
 
-import argparse  # noqa: E402
-import sys  # noqa: E402
-from dataclasses import replace  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
 
-import yaml  # noqa: E402
+import yaml
 
-from fdrl.config import add_config_args, config_from_args  # noqa: E402
-from fdrl.distributed.tune import DEFAULT_SPACE, METRICS, run_sweep  # noqa: E402
+from fdrl.config import add_config_args, config_from_args
+from fdrl.distributed.tune import DEFAULT_SPACE, METRICS, run_sweep
 
-from fdrl.presets import MNIST, mnist_data  # noqa: E402
+from fdrl.presets import MNIST, mnist_data
 
 # Sweep-sized trials: short, one CPU worker each so two trials run at once on 2 cores.
 BASE = replace(MNIST, steps=60, workers=1, batch=32, log_every=10, checkpoint_every=10**9,

@@ -6,20 +6,13 @@ the cluster the job runs on).
 
 from __future__ import annotations
 
-import os
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Callable, Optional
 
-# Before Ray starts: short report stalls, no usage stats, no MLflow telemetry.
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Callable, Optional  # noqa: E402
-
-from fdrl.config import TrainConfig, add_config_args, config_from_args  # noqa: E402
+from fdrl.config import TrainConfig, add_config_args, config_from_args
 
 
 def parse_train_args(preset: TrainConfig, description: str, argv=None) -> tuple[TrainConfig, bool]:

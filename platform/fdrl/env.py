@@ -1,0 +1,17 @@
+"""The environment defaults every entry point needs, set once, before Ray or MLflow start.
+
+``import fdrl`` applies them (``setdefault``: a value the user exported wins).
+"""
+
+import os
+
+DEFAULTS = {
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",  # at Ray's default each report can stall 2 s
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+}
+
+
+def apply() -> None:
+    for key, value in DEFAULTS.items():
+        os.environ.setdefault(key, value)
