@@ -39,7 +39,7 @@ def main():
     from mlflow.tracking import MlflowClient
 
     from fdrl.config import TrainConfig
-    from fdrl.distributed.train import run_training
+    from fdrl.distributed.launch import run_training
 
     ray.init(num_cpus=2)  # with the dashboard: Train's placement-group cleaner needs its State API
     tmp = Path(tempfile.mkdtemp(prefix="fdrl-scaling-"))

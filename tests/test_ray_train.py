@@ -55,7 +55,7 @@ def _assert_identical(a: dict, b: dict):
 
 @pytest.fixture(scope="module")
 def straight(ray_cluster, shards, workdir):
-    from fdrl.distributed.train import run_training
+    from fdrl.distributed.launch import run_training
 
     return run_training(tiny(shards, workdir, run_name="straight"))
 
@@ -77,7 +77,7 @@ def test_straight_run_is_tracked_in_mlflow(straight, workdir):
 
 
 def test_resume_gives_identical_parameters(straight, shards, workdir):
-    from fdrl.distributed.train import run_training
+    from fdrl.distributed.launch import run_training
 
     run_training(tiny(shards, workdir, run_name="split", steps=2))
     resumed = run_training(tiny(shards, workdir, run_name="split", steps=4, resume=True))
@@ -89,7 +89,7 @@ def test_resume_gives_identical_parameters(straight, shards, workdir):
 
 
 def test_worker_failure_restarts_from_checkpoint(straight, shards, workdir):
-    from fdrl.distributed.train import run_training
+    from fdrl.distributed.launch import run_training
 
     result = run_training(tiny(shards, workdir, run_name="crashy", fail_at_step=3))
     assert (Path(result.fdrl_run_dir) / "injected_failure_3").exists()
@@ -97,7 +97,7 @@ def test_worker_failure_restarts_from_checkpoint(straight, shards, workdir):
 
 
 def test_training_goes_on_when_mlflow_is_unreachable(ray_cluster, shards, workdir):
-    from fdrl.distributed.train import run_training
+    from fdrl.distributed.launch import run_training
 
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
@@ -108,7 +108,7 @@ def test_training_goes_on_when_mlflow_is_unreachable(ray_cluster, shards, workdi
 
 
 def test_bad_inputs_get_named_errors(ray_cluster, shards, workdir):
-    from fdrl.distributed.train import run_training
+    from fdrl.distributed.launch import run_training
 
     with pytest.raises(FileNotFoundError, match="data path does not exist: .*missing-shards"):
         run_training(tiny(shards, workdir, data=str(workdir / "missing-shards")))

@@ -85,7 +85,7 @@ def test_sample_to_dir_writes_samples_and_grid(ray_cluster, registered, tmp_path
 
 @pytest.mark.timeout(600)
 def test_train_register_load_in_fresh_process_and_sample_twice(ray_cluster, tmp_path):
-    from fdrl.distributed.train import run_training
+    from fdrl.distributed.launch import run_training
     from fdrl.data.writer import convert
 
     shards = tmp_path / "shards"

@@ -39,7 +39,7 @@ def train_main(preset: TrainConfig, description: str, argv=None,
         print(json.dumps(cfg.to_dict(), indent=1))
         return 0
 
-    from fdrl.distributed.train import run_training
+    from fdrl.distributed.launch import run_training
     from fdrl.tracking.tracker import default_tracking_uri
 
     try:

@@ -62,7 +62,7 @@ def run_trial(config: dict) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from fdrl.distributed.train import run_training
+    from fdrl.distributed.launch import run_training
 
     cfg = TrainConfig.from_dict(config)
     cfg.run_name = f"trial-{tune.get_context().get_trial_id()}"
@@ -179,7 +179,7 @@ def run_sweep(base: TrainConfig, spec: dict[str, Any], *, num_samples: int, metr
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from fdrl.data.manifest import open_shard_set
-    from fdrl.distributed.train import ensure_prior
+    from fdrl.distributed.launch import ensure_prior
     from fdrl.tracking.tracker import Tracker, default_tracking_uri
 
     if metric not in METRICS:
