@@ -102,3 +102,44 @@ def test_refine_names_a_missing_input(setup):
                            "--input", str(tmp / "nope.npy"), "--out", str(tmp / "x"), "--tracking-uri", uri],
                           capture_output=True, text=True)
     assert proc.returncode != 0 and "input samples not found" in proc.stderr and "nope.npy" in proc.stderr
+
+
+class _Frozen(torch.nn.Module):
+    """A ratio network with zero input gradient: the flow leaves its starting points alone."""
+
+    def forward(self, x):
+        return x.flatten(1).sum(1) * 0.0
+
+
+class _Fixed:
+    """A prior that hands out given images (or NaNs), so the samples are known exactly."""
+
+    def __init__(self, images):
+        self.images = images
+
+    def sample(self, n, generator=None, device="cpu"):
+        return self.images[:n].to(device)
+
+
+def test_domain_kid_ranks_real_images_above_noise(setup):
+    from fdrl.core.divergences import get_pairing
+    from fdrl.core.flow import FlowSettings
+    from fdrl.data.manifest import open_shard_set
+    from fdrl.eval.evaluation import DomainKID
+    from fdrl.eval.metrics import shard_batches
+
+    tmp, _, clf = setup
+    shards = tmp / "shards"
+    kid = DomainKID(clf, open_shard_set(shards), n=64, seed=0, device="cpu")
+    images = torch.cat(list(shard_batches(shards)))
+    # The evaluator's real set is the seed-0 stream's first 64 images; compare other real ones.
+    held_out = images[-64:]
+    still = FlowSettings(flow_steps=1, extra_steps=0, eta=1.0, nu=0.0)
+    args = (_Frozen(), None, get_pairing("lr-kl"), still)
+    real = kid(args[0], _Fixed(held_out), *args[2:])
+    noise = kid(args[0], _Fixed(torch.rand(64, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1),
+                *args[2:])
+    blurred = kid(args[0], _Fixed(torch.nn.functional.avg_pool2d(held_out, 5, 1, 2)), *args[2:])
+    assert abs(real) < 0.1 * min(blurred, noise)  # real digits sit far closer than degraded ones
+    assert kid(args[0], _Fixed(held_out), *args[2:]) == real  # fixed seed: the same figure
+    assert kid(args[0], _Fixed(torch.full((64, 1, 32, 32), float("nan"))), *args[2:]) == float("inf")

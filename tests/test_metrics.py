@@ -181,7 +181,10 @@ def test_domain_features_streams_and_truncates():
                                np.cov(expected.double().numpy(), rowvar=False), rtol=1e-5, atol=1e-7)
     out = metrics.feature_metrics(fn, [x[:50]], [x[50:]], kid_subset_size=40, kid_subsets=5)
     assert set(out) >= {"fd", "kid_mean", "kid_std", "precision", "recall"}
-    assert out["n_samples"] == 50 and out["fd"] >= 0
+    assert out["n_samples"] == 50
+    fa, fb = (fn(b).detach().double().numpy() for b in (x[:50], x[50:]))
+    want = metrics.frechet_distance(fa.mean(0), np.cov(fa, rowvar=False), fb.mean(0), np.cov(fb, rowvar=False))
+    assert out["fd"] == pytest.approx(want, rel=1e-6)
 
 
 # ------------------------------------------------------------------ streamed Dataset for FID

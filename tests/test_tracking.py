@@ -72,8 +72,9 @@ def test_flatten_params_and_git():
     assert flat["n"] == "3" and flat["empty"] == "{}" and flat["none"] == "None"
     assert len(flat["long"]) == tracking.MAX_PARAM_VAL_LENGTH
     assert all(isinstance(v, str) for v in flat.values())
-    commit = git_commit(REPO)
-    assert commit is None or len(commit) == 40  # None only if the checkout has no commit yet
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:  # a git checkout (CI clones one): the commit is HEAD's
+        assert git_commit(REPO) == head.stdout.strip()
     assert git_commit(Path("/")) is None
 
 
@@ -166,11 +167,20 @@ def test_disabled_touches_nothing(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+class FrozenClock:
+    """The tracker's breaker clock, moved only by the test."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def test_unreachable_from_start(caplog, fast_http_env, tmp_path):
     uri = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
-    t0 = time.monotonic()
     with caplog.at_level(logging.WARNING, logger="fdrl.tracking"):
-        t = Tracker("nowhere", tracking_uri=uri, retry_after_s=0.0)
+        t = Tracker("nowhere", tracking_uri=uri, clock=FrozenClock())
         assert t.run_id is None
         t.log_params({"a": {"b": 1, "c": 2}})
         for step in range(3):
@@ -178,7 +188,7 @@ def test_unreachable_from_start(caplog, fast_http_env, tmp_path):
         t.set_tags({"x": "y"})
         t.log_artifact(_png(tmp_path / "p.png"))
         t.end()
-    assert time.monotonic() - t0 < 15
+    assert t.attempts == 1  # the failed run start; every later call is dropped without trying
     assert t.dropped == {"run": 1, "params": 2, "metrics": 6, "tags": 1, "artifacts": 1}
     text = caplog.text
     assert "MLflow unreachable" in text and "dropped run start in experiment 'nowhere'" in text
@@ -221,19 +231,21 @@ def test_server_dies_mid_run_then_recovers(tmp_path, caplog, fast_http_env):
     url = f"http://127.0.0.1:{port}"
     server = _start_server(db, tmp_path / "server-artifacts", port)
     try:
-        t = Tracker("served", run_name="victim", tracking_uri=url, retry_after_s=2.0)
+        clock = FrozenClock()
+        t = Tracker("served", run_name="victim", tracking_uri=url, retry_after_s=2.0, clock=clock)
         assert t.run_id is not None
         t.log_params({"lr": 0.1})
         for step in range(5):
             t.log_metrics({"loss": 1.0 / (step + 1), "lr": 0.1}, step)
 
         _kill(server)
-        t0 = time.monotonic()
+        before = t.attempts
         with caplog.at_level(logging.WARNING, logger="fdrl.tracking"):
             for step in range(5, 10):
                 t.log_metrics({"loss": 1.0 / (step + 1), "lr": 0.1}, step)
             t.log_artifact(_png(tmp_path / "during-outage.png"))
-        assert time.monotonic() - t0 < 20  # a dead server must not stall training
+        # A dead server must not stall training: one call finds it down, the breaker skips the rest.
+        assert t.attempts - before == 1
         assert t.dropped == {"metrics": 10, "artifacts": 1}
         warnings = [r.getMessage() for r in caplog.records
                     if r.name == "fdrl.tracking" and r.levelno == logging.WARNING]
@@ -246,7 +258,7 @@ def test_server_dies_mid_run_then_recovers(tmp_path, caplog, fast_http_env):
         server = _start_server(db, tmp_path / "server-artifacts", port)
         client = MlflowClient(url)
         assert [m.step for m in client.get_metric_history(t.run_id, "loss")] == [0, 1, 2, 3, 4]
-        time.sleep(max(0.0, t._retry_at - time.monotonic()))  # breaker window (2 s) is over
+        clock.now += 2.0  # the breaker window is over
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="fdrl.tracking"):
             t.log_metrics({"loss": 0.01}, step=10)

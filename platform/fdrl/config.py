@@ -57,6 +57,8 @@ class TrainConfig:
     register_name: str = ""  # registered model name for the final checkpoint; empty: fdrl-<dataset>
     tracking_uri: str = ""  # empty: MLFLOW_TRACKING_URI or sqlite under the working directory
     fail_at_step: int = -1  # testing aid: worker raises once at this step (fault tolerance)
+    marker_dir: str = ""  # testing aid: rank 0 marks loop start and, at the end, the starts it saw
+    marker_wait: int = 0  # testing aid: rank 0 waits until this many runs marked their start
     mlflow_run_id: str = ""  # set by the launcher; rank 0 logs into this run
     mlflow_parent_run_id: str = ""  # set by sweeps: the trial's run is nested under the sweep's
     eval_every: int = 0  # steps between domain-feature KID evaluations, at report steps (0: off)

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fdrl.config import TrainConfig
+from fdrl.distributed.sweep_report import (TrialRow, best_row, close_trial_runs, collect_rows,
+                                          register_best, write_report)
 from fdrl.core.divergences import PAIRINGS
 
 # ASHA metrics (all minimised). "kid": domain-feature KID of EMA samples against real data,
@@ -69,131 +68,76 @@ def run_trial(config: dict) -> None:
     run_training(cfg, callbacks=[TuneReportCallback()])
 
 
-@dataclass
-class TrialRow:
-    trial: str
-    status: str  # finished, stopped early (ASHA), failed
-    params: dict
-    step: int
-    metric: float
-    error: str
-    mlflow_run_id: str
-    checkpoint: str
+def trial_base_config(base: TrainConfig, sweep_dir: Path, parent_run_id: str) -> TrainConfig:
+    """The config every trial starts from: a copy of ``base`` with the sweep's own settings."""
+    return dataclasses.replace(
+        base,
+        mlflow_parent_run_id=parent_run_id,
+        max_failures=0,  # a diverging trial diverges again: fail it, don't retry it
+        # Each trial driver holds TRIAL_DRIVER_CPU; a worker reserving a whole CPU would then never
+        # fit beside it, and the second of two trials on 2 CPUs would wait for the first to finish.
+        worker_cpus=base.worker_cpus or base.threads - 2 * TRIAL_DRIVER_CPU,
+        register=False,  # only the best trial is registered, by the sweep
+        storage=str(sweep_dir / "trials"),
+    )
 
 
-def _trial_id(result) -> str:
-    """Tune names a trial directory <trainable>_<id>_<n>_<params>...; ids look like 'ab12c_00003'."""
-    found = re.search(r"_([0-9a-f]{5}_\d{5})(_|$)", Path(result.path or "").name)
-    return (result.metrics or {}).get("trial_id") or (found.group(1) if found else "?")
+def build_tuner(base: TrainConfig, spec: dict[str, Any], sweep_dir: Path, *, num_samples: int,
+                metric_key: str, max_concurrent: int, grace_period: int, extra_trials: list[dict],
+                resume: bool):
+    """A Tuner over ``run_trial`` (restored from ``sweep_dir/tune`` with ``resume``)."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
 
-
-def collect_rows(grid, metric_key: str, storage: Path, searched: list[str]) -> list[TrialRow]:
-    rows = []
-    for result in grid:
-        cfg = result.config or {}
-        trial_id = _trial_id(result)
-        metrics = result.metrics or {}
-        info_path = storage / f"trial-{trial_id}" / "fdrl_run.json"
-        info = json.loads(info_path.read_text()) if info_path.exists() else {}
-        error = ""
-        if result.error is not None:
-            error = _short_error(result.error)
-            status = "failed"
-        elif metrics.get("step", 0) < cfg.get("steps", 0):
-            status = "stopped early"
-        else:
-            status = "finished"
-        value = metrics.get(metric_key, math.nan) if not error else math.nan
-        rows.append(TrialRow(trial_id, status, {k: cfg.get(k) for k in searched},
-                             int(metrics.get("step", 0)), float(value), error,
-                             info.get("mlflow_run_id", ""), metrics.get("checkpoint_path", "")))
-    return rows
-
-
-def _short_error(err: BaseException) -> str:
-    """The innermost useful line: e.g. 'NonFiniteLossError: non-finite loss at step 3: ...'."""
-    text = str(err)
-    for line in reversed(text.splitlines()):
-        if "Error" in line and ":" in line:
-            return line.strip()[:300]
-    return (text.splitlines() or [type(err).__name__])[-1][:300]
-
-
-def rows_to_markdown(rows: list[TrialRow], metric: str, searched: list[str]) -> str:
-    head = ["trial", "status", *searched, "step", metric, "error"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in sorted(rows, key=lambda r: (math.isnan(r.metric), r.metric)):
-        vals = [_fmt(r.params[k]) for k in searched]
-        lines.append("| " + " | ".join([r.trial, r.status, *vals, str(r.step), _fmt(r.metric), r.error]) + " |")
-    return "\n".join(lines)
-
-
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return "-" if math.isnan(v) else f"{v:.4g}"
-    return str(v)
-
-
-def plot_rows(rows: list[TrialRow], metric: str, path: Path) -> Path:
-    """One column per pairing; the metric against eta (top) and against K (bottom)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    pairings = sorted({r.params.get("pairing") for r in rows if r.params.get("pairing")}) or ["all"]
-    fig, axes = plt.subplots(2, len(pairings), figsize=(3.2 * len(pairings), 5.5), squeeze=False,
-                             sharey=True)
-    finite = [r.metric for r in rows if not math.isnan(r.metric)]
-    floor = min(finite, default=0.0)  # failed trials are drawn as crosses on this level
-    for col, pairing in enumerate(pairings):
-        mine = [r for r in rows if pairing == "all" or r.params.get("pairing") == pairing]
-        for row, (field, scale) in enumerate((("eta", "log"), ("flow_steps", "linear"))):
-            ax = axes[row][col]
-            ok = [r for r in mine if not math.isnan(r.metric) and r.params.get(field) is not None]
-            bad = [r for r in mine if math.isnan(r.metric) and r.params.get(field) is not None]
-            ax.scatter([r.params[field] for r in ok], [r.metric for r in ok], c="tab:blue", label="trial")
-            if bad:
-                ax.scatter([r.params[field] for r in bad], [floor] * len(bad), marker="x", c="tab:red",
-                           label="failed (no metric)")
-            ax.set_xscale(scale)
-            ax.set_xlabel("eta" if field == "eta" else "K (flow steps)")
-            ax.set_ylabel(metric)
-            if row == 0:
-                ax.set_title(pairing)
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    param_space = {**base.to_dict(), **to_tune_space(spec)}
+    trainable = tune.with_resources(run_trial, {"cpu": TRIAL_DRIVER_CPU})
+    tune_path = sweep_dir / "tune"
+    if resume and tune.Tuner.can_restore(str(tune_path)):
+        return tune.Tuner.restore(str(tune_path), trainable=trainable, param_space=param_space)
+    return tune.Tuner(
+        trainable, param_space=param_space,
+        tune_config=tune.TuneConfig(
+            # Tune counts the fixed points within num_samples; ours come on top of the draws.
+            metric=metric_key, mode="min", num_samples=num_samples + len(extra_trials),
+            scheduler=ASHAScheduler(time_attr="step", max_t=base.steps, reduction_factor=2,
+                                    grace_period=grace_period or max(base.steps // 4, 1)),
+            # The limit belongs to the generator: Tune ignores max_concurrent_trials when a
+            # search algorithm is passed in, and would start every trial at once.
+            search_alg=BasicVariantGenerator(points_to_evaluate=list(extra_trials) or None,
+                                             max_concurrent=max_concurrent)),
+        run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir)))
 
 
 def run_sweep(base: TrainConfig, spec: dict[str, Any], *, num_samples: int, metric: str = "kid",
               max_concurrent: int = 2, grace_period: int = 0, extra_trials: list[dict] = (),
               name: str = "sweep", resume: bool = False, register_name: str = "") -> list[TrialRow]:
     """Run the sweep; writes results.csv/.md and the plot into <storage>/<name>/ and returns rows."""
-    import csv
-
     import ray
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from fdrl.data.manifest import open_shard_set
+    from fdrl.data.manifest import manifest_hash, open_shard_set
     from fdrl.distributed.launch import ensure_prior
     from fdrl.tracking.tracker import Tracker, default_tracking_uri
 
     if metric not in METRICS:
         raise ValueError(f"unknown sweep metric {metric!r}; valid: {', '.join(METRICS)}")
     metric_key = METRICS[metric]
-    base = dataclasses.replace(base)
-    base.tracking_uri = base.tracking_uri or default_tracking_uri()
     shard_set = open_shard_set(base.data)
-    base.data = str(Path(base.data).resolve())
-    sweep_dir = Path(base.storage).resolve() / name
+    storage = Path(base.storage).resolve()
+    sweep_dir = storage / name
     sweep_dir.mkdir(parents=True, exist_ok=True)
     if not ray.is_initialized():
         ray.init()
-    base.prior_path = ensure_prior(base, shard_set, Path(base.storage).resolve())
+    base = dataclasses.replace(base, tracking_uri=base.tracking_uri or default_tracking_uri(),
+                               data=str(Path(base.data).resolve()))
+    base = dataclasses.replace(base, prior_path=ensure_prior(base, shard_set, storage))
+    if metric == "kid":
+        from fdrl.eval.evaluation import ensure_classifier
+
+        base = dataclasses.replace(
+            base, eval_every=base.eval_every or base.log_every,
+            eval_classifier=base.eval_classifier or ensure_classifier(
+                base.data, storage, manifest_hash(base.data)))
 
     info_path = sweep_dir / "sweep.json"
     previous = json.loads(info_path.read_text()) if resume and info_path.exists() else {}
@@ -206,85 +150,21 @@ def run_sweep(base: TrainConfig, spec: dict[str, Any], *, num_samples: int, metr
         parent.set_tags({"fdrl.kind": "sweep", "dataset": base.dataset})
     info_path.write_text(json.dumps({"mlflow_run_id": parent.run_id or ""}))
 
-    base.mlflow_parent_run_id = parent.run_id or ""
-    base.max_failures = 0  # a diverging trial diverges again: fail it, don't retry it
-    # Each trial driver holds TRIAL_DRIVER_CPU; a worker reserving a whole CPU would then never
-    # fit beside it, and the second of two trials on 2 CPUs would wait for the first to finish.
-    base.worker_cpus = base.worker_cpus or base.threads - 2 * TRIAL_DRIVER_CPU
-    base.register = False  # only the best trial is registered, below
-    base.storage = str(sweep_dir / "trials")
-    if metric == "kid":
-        from fdrl.eval.evaluation import ensure_classifier
-        from fdrl.data.manifest import manifest_hash
-
-        base.eval_every = base.eval_every or base.log_every
-        base.eval_classifier = base.eval_classifier or ensure_classifier(
-            base.data, sweep_dir.parent, manifest_hash(base.data))
-    param_space = {**base.to_dict(), **to_tune_space(spec)}
-    trainable = tune.with_resources(run_trial, {"cpu": TRIAL_DRIVER_CPU})
-    tune_path = sweep_dir / "tune"
-    if resume and tune.Tuner.can_restore(str(tune_path)):
-        tuner = tune.Tuner.restore(str(tune_path), trainable=trainable, param_space=param_space)
-    else:
-        tuner = tune.Tuner(
-            trainable, param_space=param_space,
-            tune_config=tune.TuneConfig(
-                # Tune counts the fixed points within num_samples; ours come on top of the draws.
-                metric=metric_key, mode="min", num_samples=num_samples + len(extra_trials),
-                scheduler=ASHAScheduler(time_attr="step", max_t=base.steps, reduction_factor=2,
-                                        grace_period=grace_period or max(base.steps // 4, 1)),
-                # The limit belongs to the generator: Tune ignores max_concurrent_trials when a
-                # search algorithm is passed in, and would start every trial at once.
-                search_alg=BasicVariantGenerator(points_to_evaluate=list(extra_trials) or None,
-                                                 max_concurrent=max_concurrent)),
-            run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir)))
+    trial_base = trial_base_config(base, sweep_dir, parent.run_id or "")
+    tuner = build_tuner(trial_base, spec, sweep_dir, num_samples=num_samples,
+                        metric_key=metric_key, max_concurrent=max_concurrent,
+                        grace_period=grace_period, extra_trials=list(extra_trials), resume=resume)
     grid = tuner.fit()
 
     searched = list(spec)
-    rows = collect_rows(grid, metric_key, Path(base.storage), searched)
-    _close_trial_runs(rows, base.tracking_uri)
-    table = rows_to_markdown(rows, metric_key, searched)
-    (sweep_dir / "results.md").write_text(table + "\n")
-    with open(sweep_dir / "results.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["trial", "status", *searched, "step", metric_key, "error", "mlflow_run_id"])
-        for r in rows:
-            writer.writerow([r.trial, r.status, *(r.params[k] for k in searched), r.step, r.metric,
-                             r.error, r.mlflow_run_id])
-    plot_rows(rows, metric_key, sweep_dir / "results.png")
-    for artifact in ("results.md", "results.csv", "results.png"):
-        parent.log_artifact(sweep_dir / artifact)
-
-    done = [r for r in rows if r.status == "finished" and not math.isnan(r.metric) and r.checkpoint]
-    if done:
-        best = min(done, key=lambda r: r.metric)
+    rows = collect_rows(grid, metric_key, Path(trial_base.storage), searched)
+    close_trial_runs(rows, base.tracking_uri)
+    for artifact in write_report(rows, metric_key, searched, sweep_dir):
+        parent.log_artifact(artifact)
+    best = best_row(rows)
+    if best is not None:
         parent.set_tags({"best_trial": best.trial, "best_mlflow_run_id": best.mlflow_run_id})
         parent.log_metrics({f"best_{metric_key}": best.metric}, 0)
-        _register_best(best, base, grid, register_name)
+        register_best(best, trial_base, grid, register_name)
     parent.end("FINISHED")
     return rows
-
-
-def _close_trial_runs(rows: list[TrialRow], tracking_uri: str) -> None:
-    """Tune ends a trial by stopping its process whenever ASHA says stop, also at max_t, so a
-    trial's MLflow run is left RUNNING or marked FAILED by the interrupted trainer. Give it the
-    status the results table shows."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri)
-    final = {"finished": "FINISHED", "stopped early": "KILLED", "failed": "FAILED"}
-    for row in rows:
-        if row.mlflow_run_id and client.get_run(row.mlflow_run_id).info.status != final[row.status]:
-            if row.status == "stopped early":
-                client.set_tag(row.mlflow_run_id, "fdrl.stopped_by", "ASHA")
-            client.set_terminated(row.mlflow_run_id, final[row.status])
-
-
-def _register_best(best: TrialRow, base: TrainConfig, grid, register_name: str) -> None:
-    from fdrl.tracking.registry import log_fdrl_model
-
-    trial_cfg = next(r.config for r in grid if _trial_id(r) == best.trial)
-    name = register_name or f"fdrl-{base.dataset}"
-    version = log_fdrl_model(best.mlflow_run_id, best.checkpoint, base.prior_path or None,
-                             trial_cfg, name, base.tracking_uri, aliases=("candidate",))
-    print(f"best trial {best.trial} registered as models:/{name}@candidate (version {version.version})")

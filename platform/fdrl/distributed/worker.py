@@ -32,6 +32,7 @@ from fdrl.core.sampler import sample
 from fdrl.core.step import make_state, train_step
 
 RUN_INFO = "fdrl_run.json"  # in the run directory: the MLflow run id, for --resume
+MARKER_TIMEOUT_S = 300
 GRID_SEED_OFFSET = 12345  # grids draw from their own seed, apart from the training stream
 
 
@@ -112,6 +113,7 @@ def train_loop_per_worker(config: dict) -> None:
                               cfg.tracking_uri or None)
     last_kid = None
 
+    _mark(cfg, rank, "started")
     window_start, window_steps = time.perf_counter(), 0
     while state.step < cfg.steps:
         step_start = time.perf_counter()
@@ -140,6 +142,8 @@ def train_loop_per_worker(config: dict) -> None:
             grid = _sample_grid(cfg, state, prior, pairing, flow, device, run_dir, rank)
             if grid is not None:
                 tracker.log_artifact(grid, "samples")
+        if final:  # before the last report: Tune may end the trial as soon as it sees it
+            _mark(cfg, rank, "finished")
         if step % cfg.checkpoint_every == 0 or final:
             rank_states = _gather(_rank_state(generator, stream), world)
             with tempfile.TemporaryDirectory() as tmp:
@@ -155,13 +159,35 @@ def train_loop_per_worker(config: dict) -> None:
                   f"flowed {metrics['log_r_flowed']:+.3f} {metrics['images_per_s']:.1f} img/s", flush=True)
 
 
+def grid_samples(cfg: TrainConfig, net, prior, pairing, flow, device="cpu"):
+    """The grid's EMA samples: K + kappa flow steps, the same seed at every step so grids compare."""
+    return sample(net, pairing, flow, cfg.grid_size, cfg.seed + GRID_SEED_OFFSET, prior=prior,
+                  device=device).x
+
+
 def _sample_grid(cfg, state, prior, pairing, flow, device, run_dir, rank):
-    """EMA samples with K + kappa flow steps, the same seed at every step so grids compare."""
     if rank != 0:
         return None
-    x = sample(state.ema, pairing, flow, cfg.grid_size, cfg.seed + GRID_SEED_OFFSET, prior=prior,
-               device=device).x
+    x = grid_samples(cfg, state.ema, prior, pairing, flow, device)
     return save_grid(x, run_dir / "samples" / f"step_{state.step:07d}.png")
+
+
+def _mark(cfg: TrainConfig, rank: int, event: str) -> None:
+    """Testing aid: rank 0 writes ``<marker_dir>/<run_name>.<event>``; a ``finished`` marker lists
+    the ``started`` markers present then, so a test can tell runs overlapped without timing them."""
+    if not cfg.marker_dir or rank != 0:
+        return
+    folder = Path(cfg.marker_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    seen = sorted(p.stem for p in folder.glob("*.started")) if event == "finished" else []
+    (folder / f"{cfg.run_name}.{event}").write_text(json.dumps(seen))
+    if event == "started" and cfg.marker_wait:
+        deadline = time.monotonic() + MARKER_TIMEOUT_S
+        while len(list(folder.glob("*.started"))) < cfg.marker_wait:  # a condition, not a delay
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{cfg.run_name}: only {len(list(folder.glob('*.started')))} of "
+                                   f"{cfg.marker_wait} runs started within {MARKER_TIMEOUT_S} s")
+            time.sleep(0.05)
 
 
 def _maybe_inject_failure(cfg: TrainConfig, step: int, run_dir: Path) -> None:

@@ -15,7 +15,7 @@ from fdrl.data.manifest import ShardSet
 from fdrl.data.stream import ShardStream
 from fdrl.eval.metrics import kid
 from fdrl.core.flow import FlowSettings
-from fdrl.core.sampler import sample
+from fdrl.core.sampler import chunk_seed, sample
 
 KID_SUBSETS = 20
 
@@ -96,8 +96,9 @@ def interpolation(model, rows: int, cols: int, seed: int, flow: FlowSettings) ->
     """Prior-space interpolation: between pairs of prior draws along the variance-preserving path
     mu + cos(t) (a - mu) + sin(t) (b - mu), t in [0, pi/2], each point flowed K + kappa steps
     without noise, so neighbouring images differ only by where they started."""
-    gen = torch.Generator().manual_seed(seed)
-    a, b = model.prior.sample(rows, gen), model.prior.sample(rows, gen)
+    # Row i's two ends come from its own generator: a row does not depend on how many rows there are.
+    ends = [model.prior.sample(2, torch.Generator().manual_seed(chunk_seed(seed, i))) for i in range(rows)]
+    a, b = torch.stack([e[0] for e in ends]), torch.stack([e[1] for e in ends])
     mean = getattr(model.prior, "mean", None)
     mu = mean.reshape(a.shape[1:]) if mean is not None else torch.zeros(a.shape[1:])
     t = torch.linspace(0, torch.pi / 2, cols)

@@ -181,8 +181,11 @@ class Tracker:
     def __init__(self, experiment: str, run_name: str | None = None,
                  tracking_uri: str | None = None, run_id: str | None = None,
                  tags: dict | None = None, enabled: bool = True,
-                 parent_run_id: str | None = None, retry_after_s: float = 30.0):
+                 parent_run_id: str | None = None, retry_after_s: float = 30.0,
+                 clock=time.monotonic):
         self.enabled = enabled
+        self._clock = clock  # the breaker's time source; tests pass one they advance themselves
+        self.attempts = 0  # calls that reached MLflow (the breaker skips the rest)
         self.run_id: str | None = None
         self.experiment_id: str | None = None
         self.retry_after_s = retry_after_s
@@ -239,11 +242,12 @@ class Tracker:
         """Run fn() unless disabled / no run / breaker open; never raises. Returns success."""
         if not self.enabled:
             return False
-        now = time.monotonic()
+        now = self._clock()
         if (kind != "run" and self.run_id is None) or now < self._retry_at:
             self._drop(kind, n, step)
             log.debug("MLflow tracking: skipped %s", what)
             return False
+        self.attempts += 1
         try:
             fn()
         except Exception as e:
@@ -257,7 +261,7 @@ class Tracker:
                 log.log(level, "MLflow rejected %s (%s): dropped; training continues%s",
                         what, _short(e), tail)
                 return False
-            self._retry_at = time.monotonic() + self.retry_after_s
+            self._retry_at = self._clock() + self.retry_after_s
             if self._down_since is None:  # first failure of a burst: say what is lost
                 self._down_since = now
                 tail = tail or (f", skipping tracking calls for {self.retry_after_s:g}s, "
