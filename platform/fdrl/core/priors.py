@@ -152,6 +152,14 @@ def make_simple_prior(kind: str, shape: Sequence[int], clamp=None) -> Prior:
     return _CLASSES[kind](shape, clamp)
 
 
+def model_prior(kind: str, shape: Sequence[int], path: Optional[str | Path] = None) -> Prior:
+    """The prior a model trains and samples with: its fitted file when it has one, else the
+    parameter-free ``kind``, clamped to the image range as in training. Checked against ``shape``."""
+    prior = load_prior(path) if path else make_simple_prior(kind, shape, clamp=1.0)
+    check_prior_shape(prior, shape)
+    return prior
+
+
 def check_prior_shape(prior: Prior, shape: Sequence[int]) -> None:
     if tuple(prior.shape) != tuple(shape):
         raise ValueError(

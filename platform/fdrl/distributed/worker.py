@@ -27,7 +27,7 @@ from fdrl.data.manifest import open_shard_set
 from fdrl.core.divergences import get_pairing
 from fdrl.data.images import save_grid
 from fdrl.core.networks import build_network
-from fdrl.core.priors import check_prior_shape, load_prior, make_simple_prior
+from fdrl.core.priors import model_prior
 from fdrl.core.flow import FlowSettings
 from fdrl.core.sampler import sample
 from fdrl.core.step import make_state, train_step
@@ -51,12 +51,7 @@ def _gather(obj, world: int) -> list:
 
 
 def load_run_prior(cfg: TrainConfig, shape):
-    if cfg.prior_path:
-        prior = load_prior(cfg.prior_path)
-    else:
-        prior = make_simple_prior(cfg.prior, shape, clamp=1.0)
-    check_prior_shape(prior, shape)
-    return prior
+    return model_prior(cfg.prior, shape, cfg.prior_path or None)
 
 
 def train_loop_per_worker(config: dict) -> None:

@@ -40,7 +40,7 @@ from torch import nn
 from fdrl.config import TrainConfig
 from fdrl.core.divergences import Pairing, get_pairing
 from fdrl.core.networks import build_network
-from fdrl.core.priors import Prior, check_prior_shape, load_prior, make_simple_prior
+from fdrl.core.priors import Prior, model_prior
 from fdrl.data.writer import sha256_file
 from fdrl.core.flow import FlowSettings
 from fdrl.core.sampler import CHUNK
@@ -73,23 +73,20 @@ class LoadedModel:
     run_id: str
 
 
-def build_model(weights: dict[str, torch.Tensor], prior: Optional[Prior],
+def build_model(weights: dict[str, torch.Tensor], prior_path: Optional[str | Path],
                 config: dict) -> tuple[nn.Module, Prior, TrainConfig]:
-    """Network, prior and config from plain data; the one place both loaders rebuild a model."""
+    """Network, prior and config from plain data; the one place both loaders rebuild a model.
+    ``prior_path`` is None for the parameter-free priors, which the config names."""
     cfg = TrainConfig.from_dict(config)
     net = build_network(cfg.arch)
     net.load_state_dict(weights)
     net.eval().requires_grad_(False)  # the flow needs input gradients only
-    if prior is None:  # parameter-free prior: the config says which; clamp as in training
-        prior = make_simple_prior(cfg.prior, net.in_shape, clamp=1.0)
-    check_prior_shape(prior, net.in_shape)
-    return net, prior, cfg
+    return net, model_prior(cfg.prior, net.in_shape, prior_path), cfg
 
 
 def build_model_from_files(weights: str | Path, prior: Optional[str | Path],
                            config: str | Path) -> tuple[nn.Module, Prior, TrainConfig]:
-    return build_model(load_file(str(weights)), load_prior(prior) if prior else None,
-                       json.loads(Path(config).read_text()))
+    return build_model(load_file(str(weights)), prior, json.loads(Path(config).read_text()))
 
 
 def _client(tracking_uri: Optional[str]):
@@ -286,12 +283,11 @@ def load_fdrl_model(uri: str, tracking_uri: Optional[str] = None) -> LoadedModel
 
         weights = load_safetensors_bytes(read(WEIGHTS))
         config = json.loads(read(CONFIG))
-        prior = None
+        prior_file = None
         if f"{ARTIFACT_DIR}/{PRIOR}" in hashes:  # parameter-free priors have no file
             prior_file = Path(tmp) / "verified-prior.safetensors"
             prior_file.write_bytes(read(PRIOR))  # load_prior takes a path: write the checked bytes
-            prior = load_prior(prior_file)
-    net, prior, cfg = build_model(weights, prior, config)
+        net, prior, cfg = build_model(weights, prior_file, config)
     return LoadedModel(net, prior, cfg, get_pairing(cfg.pairing),
                        FlowSettings.from_config(cfg), name, str(mv.version),
                        mv.run_id or "")
