@@ -29,7 +29,13 @@ CHUNK = 64  # part of the seeding: a different chunk size gives different sample
 
 
 def chunk_seed(seed: int, index: int) -> int:
-    """A well-mixed 63-bit seed for chunk ``index`` of a run seeded with ``seed``."""
+    """The generator seed of chunk ``index`` of a run seeded with ``seed``.
+
+    Chunk 0 uses ``seed`` itself, so a run of at most one chunk (a 64-sample grid) draws exactly
+    what one generator seeded with ``seed`` draws; later chunks get well-mixed 63-bit seeds.
+    """
+    if index == 0:
+        return int(seed)
     state = np.random.SeedSequence([int(seed), int(index)]).generate_state(2, np.uint32)
     return (int(state[0]) << 31) ^ int(state[1])
 
