@@ -13,6 +13,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -61,6 +63,7 @@ def train_loop_per_worker(config: dict) -> None:
     from fdrl.tracking.tracker import Tracker
 
     cfg = TrainConfig.from_dict(config)
+    _quiet_ray_reports()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(cfg.threads)
@@ -93,7 +96,7 @@ def train_loop_per_worker(config: dict) -> None:
         generator.set_state(mine["generator"])
         torch.set_rng_state(mine["torch"])
         position = mine["position"]
-        print(f"[rank {rank}] resumed at step {state.step}, data position {position}")
+        _console(f"[rank {rank}] resumed at step {state.step}, data position {position}")
 
     stream = ShardStream(shard_set, rank, world, cfg.seed, cfg.hflip, position)
     batches = stream.batches(cfg.batch // world)
@@ -151,8 +154,31 @@ def train_loop_per_worker(config: dict) -> None:
         else:
             ray.train.report(metrics)
         if rank == 0:
-            print(f"step {step:6d} loss {metrics['loss']:+.4f} log r data {metrics['log_r_data']:+.3f} "
-                  f"flowed {metrics['log_r_flowed']:+.3f} {metrics['images_per_s']:.1f} img/s", flush=True)
+            _console(step_line(step, cfg.steps, metrics))
+
+
+def step_line(step: int, steps: int, metrics: dict) -> str:
+    """The one console line per report: progress, loss, the KL diagnostic, speed and ETA."""
+    eta = (steps - step) * metrics["step_time"]
+    return (f"step {step}/{steps} loss {metrics['loss']:+.4f} log r data {metrics['log_r_data']:+.3f} "
+            f"flowed {metrics['log_r_flowed']:+.3f} {metrics['images_per_s']:.1f} img/s "
+            f"ETA {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}")
+
+
+def _console(line: str) -> None:
+    """Straight to stdout: Ray Train patches ``print`` into a logger, which shows each line twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def _quiet_ray_reports() -> None:
+    """Ray Train logs every report of every rank ("Reporting training result N: ..."); rank 0's
+    step line says what matters."""
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:  # another Ray layout: keep its logging as it is
+        return
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
 
 def grid_samples(cfg: TrainConfig, net, prior, pairing, flow, device="cpu"):
