@@ -150,3 +150,12 @@ def test_gpu_choice():
     assert choose_gpu("off", 4) is False and choose_gpu("on", 1) is True
     with pytest.raises(ValueError, match="--gpu on, but the Ray cluster has no GPUs"):
         choose_gpu("on", 0)
+
+
+def test_resuming_with_another_worker_count_is_refused_on_the_driver(shards, tmp_path):
+    run_dir = tmp_path / "runs" / "mnist-a"
+    run_dir.mkdir(parents=True)
+    (run_dir / RUN_INFO).write_text(json.dumps({"mlflow_run_id": "", "config": {"workers": 2}}))
+    with pytest.raises(ValueError, match="trained by 2 workers, this resume asks for 4"):
+        check_run(resolve(small(shards, tmp_path, resume=True, workers=4)))
+    check_run(resolve(small(shards, tmp_path, resume=True, workers=2)))

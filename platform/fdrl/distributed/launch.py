@@ -159,6 +159,13 @@ def check_run(run: ResolvedRun) -> None:
             raise FileNotFoundError(
                 f"--eval-classifier {cfg.eval_classifier}: no model.safetensors there; "
                 "train one with jobs/train_classifier.py or pass models:/NAME@ALIAS")
+    info = run.run_dir / RUN_INFO
+    if cfg.resume and info.exists():
+        before = json.loads(info.read_text()).get("config", {})
+        if before.get("workers", cfg.workers) != cfg.workers:
+            raise ValueError(f"run {cfg.run_name} was trained by {before['workers']} workers, this "
+                             f"resume asks for {cfg.workers}: resume with --workers {before['workers']} "
+                             "(the data order and RNG states are per worker)")
     _check_writable(Path(cfg.storage))
 
 
