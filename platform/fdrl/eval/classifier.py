@@ -4,10 +4,15 @@
 feature space of :func:`fdrl.metrics.feature_metrics` (a Fréchet distance / KID for digits that
 needs no Inception weights). Training uses a deterministic 90/10 split by sample key hash.
 
+Training can be adversarial (L2 PGD, ``PGDSettings``): a robust classifier has input gradients
+that look like the class, which is what class guidance (``fdrl.core.guidance``) needs.
+
 Registered in MLflow as plain files, never pickles: ``model.safetensors`` (the weights) and
 ``config.json`` (architecture, data, accuracy) are artifacts of a run, and a model version of
-the registered model points at that artifact folder. ``load_classifier`` reads them back from a
-local folder, a ``runs:/`` URI or a ``models:/NAME/VERSION`` / ``models:/NAME@ALIAS`` URI.
+the registered model points at that artifact folder, with the sha256 of each file as a version
+tag (as for the FDRL models). ``load_classifier`` reads them back from a local folder, a
+``runs:/`` URI or a ``models:/NAME/VERSION`` / ``models:/NAME@ALIAS`` URI; from ``models:/`` it
+refuses files whose hash is not the registered one.
 """
 
 from __future__ import annotations
@@ -136,6 +141,45 @@ def _shift(x: torch.Tensor, generator: torch.Generator, max_shift: int = 2) -> t
     return padded[idx, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
 
 
+@dataclass(frozen=True)
+class PGDSettings:
+    """L2 projected gradient ascent on the loss (Madry et al.): ``steps`` normalised-gradient steps
+    of ``step_size`` from the clean image, projected onto the ``eps`` ball and the pixel range."""
+
+    eps: float
+    steps: int = 7
+    step_size: float = 0.0  # 0: 2.5 * eps / steps, the usual choice
+
+    def __post_init__(self):
+        if not self.eps > 0 or self.steps < 1 or self.step_size < 0:
+            raise ValueError(f"PGD needs eps > 0, steps >= 1 and step size >= 0, got {self}")
+
+    @property
+    def alpha(self) -> float:
+        return self.step_size or 2.5 * self.eps / self.steps
+
+
+def pgd_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, pgd: PGDSettings) -> torch.Tensor:
+    """Adversarial versions of ``x`` (in [-1, 1]) within L2 distance ``pgd.eps``. Only input
+    gradients are taken; the model runs in eval mode (no dropout) during the attack."""
+    was_training = model.training
+    model.eval()
+    delta = torch.zeros_like(x)
+    try:
+        for _ in range(pgd.steps):
+            delta.requires_grad_(True)
+            with torch.enable_grad():
+                (grad,) = torch.autograd.grad(F.cross_entropy(model(x + delta), y), delta)
+            norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (x.dim() - 1))
+            delta = delta.detach() + pgd.alpha * grad / norm
+            size = delta.flatten(1).norm(dim=1).view(-1, *[1] * (x.dim() - 1))
+            delta = delta * (pgd.eps / size.clamp_min(1e-12)).clamp(max=1.0)
+            delta = (x + delta).clamp(-1, 1) - x
+    finally:
+        model.train(was_training)
+    return (x + delta).detach()
+
+
 @torch.no_grad()
 def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
              batch_size: int = 500) -> float:
@@ -161,9 +205,10 @@ class TrainResult:
 def train_classifier(images: torch.Tensor, labels: torch.Tensor, keys: list[str], *,
                      epochs: int = 12, batch_size: int = 64, lr: float = 2e-3, seed: int = 0,
                      config: Optional[ClassifierConfig] = None, augment: bool = True,
-                     log=print) -> TrainResult:
+                     adversary: Optional[PGDSettings] = None, log=print) -> TrainResult:
     """Adam with a cosine learning-rate decay over ``epochs`` on the 90% split, evaluated on the
-    held-out 10% (by key hash) after every epoch."""
+    held-out 10% (by key hash) after every epoch. With ``adversary`` every batch is replaced by
+    its L2 PGD adversarial examples (adversarial training)."""
     start = time.perf_counter()
     held = torch.tensor([heldout_key(k) for k in keys])
     x_tr, y_tr, x_te, y_te = images[~held], labels[~held], images[held], labels[held]
@@ -186,6 +231,8 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, keys: list[str]
         for i in range(0, len(order), batch_size):
             idx = order[i:i + batch_size]
             x = _shift(x_tr[idx], gen) if augment else x_tr[idx]
+            if adversary is not None:
+                x = pgd_l2(model, x, y_tr[idx], adversary)
             loss = F.cross_entropy(model(x), y_tr[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -221,49 +268,59 @@ def save_classifier(model: MnistClassifier, folder: str | os.PathLike,
     return folder
 
 
-def _download(uri: str, tracking_uri: Optional[str], dst: str) -> Path:
+def _download(uri: str, tracking_uri: Optional[str], dst: str) -> tuple[Path, Optional[dict], str]:
+    """(local folder, the sha256 tags of the model version or None when ``uri`` is no
+    ``models:/`` URI, a name for messages)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    hashes, ref = None, uri
     if uri.startswith("models:/"):
-        spec = uri[len("models:/"):].strip("/")
-        if "@" in spec:
-            name, alias = spec.split("@", 1)
-            version = client.get_model_version_by_alias(name, alias)
-        else:
-            name, _, ver = spec.partition("/")
-            if not ver:
-                raise ValueError(f"{uri}: give models:/NAME/VERSION or models:/NAME@ALIAS")
-            version = client.get_model_version(name, ver)
-        uri = version.source
+        from fdrl.tracking.registry import TAG, _resolve, parse_model_uri
+
+        name, alias, ver = parse_model_uri(uri)
+        version = _resolve(client, name, alias, ver)  # lists what exists when it is missing
+        hashes = {k[len(TAG):]: v for k, v in version.tags.items() if k.startswith(TAG)}
+        ref, uri = f"models:/{name}/{version.version}", version.source
     if uri.startswith("runs:/"):
         run_id, _, path = uri[len("runs:/"):].partition("/")
-        return Path(client.download_artifacts(run_id, path, dst))
+        return Path(client.download_artifacts(run_id, path, dst)), hashes, ref
     import mlflow.artifacts
 
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst,
-                                                    tracking_uri=tracking_uri))
+    return (Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst,
+                                                     tracking_uri=tracking_uri)), hashes, ref)
 
 
 def load_classifier(uri_or_path: str | os.PathLike,
                     tracking_uri: Optional[str] = None) -> MnistClassifier:
     """Load a classifier in eval mode from a folder with model.safetensors + config.json, or from
     ``models:/NAME/VERSION``, ``models:/NAME@ALIAS``, ``runs:/RUN_ID/classifier`` or an artifact
-    URI (downloaded with MLflow from ``tracking_uri``). Safetensors + JSON only: no unpickling."""
-    from safetensors.torch import load_file
+    URI (downloaded with MLflow from ``tracking_uri``). Safetensors + JSON only: no unpickling.
+    From ``models:/`` each file must match the sha256 tag of its model version."""
+    from safetensors.torch import load as load_safetensors_bytes
 
     text = str(uri_or_path)
     with tempfile.TemporaryDirectory(prefix="fdrl-clf-") as tmp:
+        hashes, ref = None, text
         if Path(text).is_dir():
             folder = Path(text)
         elif "://" in text or text.startswith(("models:/", "runs:/")):
-            folder = _download(text, tracking_uri, tmp)
+            folder, hashes, ref = _download(text, tracking_uri, tmp)
         else:
             raise FileNotFoundError(f"classifier not found: {text} (a folder or an MLflow URI)")
         if not (folder / WEIGHTS_FILE).is_file() or not (folder / CONFIG_FILE).is_file():
             raise FileNotFoundError(f"{folder} lacks {WEIGHTS_FILE} or {CONFIG_FILE}")
-        doc = json.loads((folder / CONFIG_FILE).read_text())
-        state = load_file(str(folder / WEIGHTS_FILE))
+
+        def read(filename: str) -> bytes:  # the bytes that were checked are the bytes loaded
+            data = (folder / filename).read_bytes()
+            if hashes is None:
+                return data
+            from fdrl.tracking.registry import _check
+
+            return _check(data, f"{ARTIFACT_DIR}/{filename}", hashes.get(f"{ARTIFACT_DIR}/{filename}"), ref)
+
+        doc = json.loads(read(CONFIG_FILE))
+        state = load_safetensors_bytes(read(WEIGHTS_FILE))
     model = MnistClassifier(ClassifierConfig.from_dict(doc["architecture"]))
     model.load_state_dict(state)
     model.info = {k: v for k, v in doc.items() if k != "architecture"}
@@ -285,14 +342,17 @@ class Registration:
 def register_classifier(result: TrainResult, *, tracking_uri: Optional[str] = None,
                         name: str = DEFAULT_NAME, experiment: str = DEFAULT_EXPERIMENT,
                         params: Optional[dict] = None, info: Optional[dict] = None,
-                        run_name: Optional[str] = None) -> Registration:
+                        run_name: Optional[str] = None,
+                        aliases: tuple[str, ...] = ("candidate",)) -> Registration:
     """Log the classifier as run artifacts (safetensors + JSON), its metrics and params, and
     register a new version of model ``name`` whose source is that artifact folder, tagged with
-    the held-out accuracy. Unlike training trackers, this fails loudly: a registration job whose
+    the held-out accuracy and the sha256 of each file, then point ``aliases`` at it. Unlike training trackers, this fails loudly: a registration job whose
     model did not get registered should not report success."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
+    from fdrl.data.writer import sha256_file
+    from fdrl.tracking.registry import TAG
     from fdrl.tracking.tracker import default_tracking_uri, ensure_experiment, flatten_params, git_commit
 
     tracking_uri = tracking_uri or default_tracking_uri()
@@ -320,10 +380,11 @@ def register_classifier(result: TrainResult, *, tracking_uri: Optional[str] = No
                  "n_heldout": result.n_heldout, "run_id": run_id, **(info or {})}
         with tempfile.TemporaryDirectory(prefix="fdrl-clf-") as tmp:
             folder = save_classifier(result.model, Path(tmp) / ARTIFACT_DIR, extra)
+            hashes = {f"{TAG}{ARTIFACT_DIR}/{f.name}": sha256_file(f) for f in folder.iterdir()}
             client.log_artifacts(run_id, str(folder), ARTIFACT_DIR)
         try:
             client.create_registered_model(
-                name, description="MNIST-5k digit classifier: penultimate features for metrics")
+                name, description="image classifier (safetensors + JSON): features for metrics, class guidance")
         except MlflowException as err:
             if err.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
@@ -331,11 +392,13 @@ def register_classifier(result: TrainResult, *, tracking_uri: Optional[str] = No
         version = client.create_model_version(
             name, source, run_id=run_id,
             tags={"heldout_accuracy": f"{result.heldout_accuracy:.4f}",
-                  "format": "safetensors+json"},
+                  "format": "safetensors+json", **hashes},
             description=f"held-out accuracy {result.heldout_accuracy:.4f} on "
                         f"{result.n_heldout} samples")
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise
+    for alias in aliases:  # after the hash tags: a version reachable by alias can be verified
+        client.set_registered_model_alias(name, alias, str(version.version))
     client.set_terminated(run_id, "FINISHED")
     return Registration(run_id, name, str(version.version), source)
