@@ -48,6 +48,11 @@ class TrainConfig:
     extra_steps: int = 20  # kappa, extra flow steps when sampling (20 data prior, 10 uniform)
     eta: float = 3.0  # flow step size
     nu: float = 0.01  # flow noise scale
+    # speed (fdrl.core.precision, fdrl.core.acceleration)
+    precision: str = "fp32"  # fp32 | bf16: bf16 autocast for the network in the flow and the loss
+    channels_last: bool = False  # NHWC conv weights (fast path of oneDNN and cuDNN)
+    compile: bool = False  # torch.compile the network (falls back to eager with one warning)
+    prefetch: int = 0  # batches decoded ahead on a background thread per worker (0: inline)
     # platform
     workers: int = 2  # Ray Train workers (one GPU each on GPUs)
     gpu: str = "auto"  # auto: GPUs (NCCL) when the cluster has them, else CPUs (gloo); on: require GPUs; off: CPUs
@@ -99,6 +104,8 @@ class TrainConfig:
 
         get_pairing(self.pairing)
         FlowSettings.from_config(self)
+        if self.prefetch < 0:
+            raise ValueError(f"prefetch must be >= 0 batches, got {self.prefetch}")
         if self.prior not in ("uniform", "gaussian", "full", "lowrank"):
             raise ValueError(f"unknown prior {self.prior!r}; valid: uniform, gaussian, full, lowrank")
         if self.workers < 1 or self.batch % self.workers:

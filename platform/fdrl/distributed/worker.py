@@ -29,6 +29,7 @@ from fdrl.data.manifest import open_shard_set
 from fdrl.core.divergences import get_pairing
 from fdrl.data.images import save_grid
 from fdrl.core.networks import build_network
+from fdrl.core.acceleration import compile_network, to_channels_last
 from fdrl.core.priors import model_prior
 from fdrl.core.flow import FlowSettings
 from fdrl.core.sampler import sample
@@ -77,11 +78,15 @@ def train_loop_per_worker(config: dict) -> None:
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     module = build_network(cfg.arch).to(device)
+    if cfg.channels_last:
+        module = to_channels_last(module)
     model = module
     if world > 1:
         ids = [device.index] if device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
     state = make_state(model, cfg.lr, (cfg.beta1, cfg.beta2), cfg.decay_steps, module=module)
+    if cfg.compile:  # after make_state: the EMA is a deep copy of the plain network
+        compile_network(module, device)
     generator = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank)
 
     position = None
