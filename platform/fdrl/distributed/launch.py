@@ -29,7 +29,7 @@ def _resolve_run_name(cfg: TrainConfig, storage: Path) -> str:
 
 def ensure_prior(cfg: TrainConfig, shard_set, storage: Path) -> str:
     """Fit the data-dependent prior once per dataset manifest; returns its path ('' if none)."""
-    if cfg.prior_path or cfg.prior not in ("full", "lowrank"):
+    if cfg.prior_path or cfg.prior not in ("full", "lowrank"):  # incl. "source": nothing to fit
         return cfg.prior_path
     from fdrl.distributed.prior_fit import fit_prior_distributed
     from fdrl.data.manifest import manifest_hash
@@ -62,6 +62,8 @@ def run_training(cfg: TrainConfig, callbacks: Optional[list] = None):
     storage = Path(cfg.storage).resolve()
     cfg.storage = str(storage)
     cfg.data = str(Path(cfg.data).resolve())
+    if cfg.source:
+        cfg.source = str(Path(cfg.source).resolve())
     if not ray.is_initialized():
         ray.init()
     cfg.prior_path = ensure_prior(cfg, shard_set, storage)
