@@ -13,6 +13,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +30,7 @@ from fdrl.data.manifest import open_shard_set
 from fdrl.core.divergences import get_pairing
 from fdrl.data.images import save_grid
 from fdrl.core.networks import build_network
+from fdrl.core.acceleration import compile_network, to_channels_last
 from fdrl.core.priors import model_prior
 from fdrl.core.flow import FlowSettings
 from fdrl.core.sampler import sample
@@ -71,6 +74,7 @@ def train_loop_per_worker(config: dict) -> None:
     from fdrl.tracking.tracker import Tracker
 
     cfg = TrainConfig.from_dict(config)
+    _quiet_ray_reports()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(cfg.threads)
@@ -84,11 +88,15 @@ def train_loop_per_worker(config: dict) -> None:
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     module = build_network(cfg.arch).to(device)
+    if cfg.channels_last:
+        module = to_channels_last(module)
     model = module
     if world > 1:
         ids = [device.index] if device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
     state = make_state(model, cfg.lr, (cfg.beta1, cfg.beta2), cfg.decay_steps, module=module)
+    if cfg.compile:  # after make_state: the EMA is a deep copy of the plain network
+        compile_network(module, device)
     generator = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank)
 
     position = prior_position = None
@@ -103,7 +111,7 @@ def train_loop_per_worker(config: dict) -> None:
         generator.set_state(mine["generator"])
         torch.set_rng_state(mine["torch"])
         position, prior_position = mine["position"], mine.get("prior_position")
-        print(f"[rank {rank}] resumed at step {state.step}, data position {position}")
+        _console(f"[rank {rank}] resumed at step {state.step}, data position {position}")
 
     stream = ShardStream(shard_set, rank, world, cfg.seed, cfg.hflip, position)
     if cfg.prior == "source":
@@ -163,8 +171,31 @@ def train_loop_per_worker(config: dict) -> None:
         else:
             ray.train.report(metrics)
         if rank == 0:
-            print(f"step {step:6d} loss {metrics['loss']:+.4f} log r data {metrics['log_r_data']:+.3f} "
-                  f"flowed {metrics['log_r_flowed']:+.3f} {metrics['images_per_s']:.1f} img/s", flush=True)
+            _console(step_line(step, cfg.steps, metrics))
+
+
+def step_line(step: int, steps: int, metrics: dict) -> str:
+    """The one console line per report: progress, loss, the KL diagnostic, speed and ETA."""
+    eta = (steps - step) * metrics["step_time"]
+    return (f"step {step}/{steps} loss {metrics['loss']:+.4f} log r data {metrics['log_r_data']:+.3f} "
+            f"flowed {metrics['log_r_flowed']:+.3f} {metrics['images_per_s']:.1f} img/s "
+            f"ETA {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}")
+
+
+def _console(line: str) -> None:
+    """Straight to stdout: Ray Train patches ``print`` into a logger, which shows each line twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def _quiet_ray_reports() -> None:
+    """Ray Train logs every report of every rank ("Reporting training result N: ..."); rank 0's
+    step line says what matters."""
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:  # another Ray layout: keep its logging as it is
+        return
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
 
 def grid_samples(cfg: TrainConfig, net, prior, pairing, flow, device="cpu"):
