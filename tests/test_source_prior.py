@@ -82,3 +82,15 @@ def test_translation_config_and_domain_shapes_are_checked(digits):
         TrainConfig(prior="source").validate()
     with pytest.raises(ValueError, match="translation takes both"):
         TrainConfig(prior="full", source="x").validate()
+
+
+def test_launcher_refuses_domains_of_different_shapes(digits, tmp_path):
+    from fdrl.distributed.launch import check_run, resolve
+
+    cfg = TrainConfig(prior="source", source=str(digits / "d16"), data=str(digits / "d32"),
+                      arch="mnist32", storage=str(tmp_path / "runs"), tracking_uri=f"sqlite:///{tmp_path}/m.db")
+    run = resolve(cfg)
+    assert run.config.source == str((digits / "d16").resolve()) and not run.prior_to_fit
+    with pytest.raises(ValueError, match=r"source images have shape \(1, 16, 16\) but the target's "
+                                         r"have shape \(1, 32, 32\)"):
+        check_run(run)
