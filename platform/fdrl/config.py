@@ -32,7 +32,8 @@ class TrainConfig:
     net_size: str = "s"  # size of an auto network: s (~0.17M parameters), m (~0.7M), l (~2.8M)
     net_widths: list = field(default_factory=list)  # channels per stage of an auto network (overrides --net-size), e.g. 32 64 128
     pairing: str = "lsif-chi2"  # lsif-chi2 | lr-kl | lr-js | lr-logd
-    prior: str = "full"  # uniform | gaussian | full | lowrank
+    prior: str = "full"  # uniform | gaussian | full | lowrank | source (translation: see `source`)
+    source: str = ""  # translation: source-domain shard directory, streamed as the prior (prior "source")
     prior_path: str = ""  # fitted prior (.safetensors); empty: fit it before training
     prior_rank: int = 512  # components of the low-rank prior
     # optimisation
@@ -106,8 +107,11 @@ class TrainConfig:
         FlowSettings.from_config(self)
         if self.prefetch < 0:
             raise ValueError(f"prefetch must be >= 0 batches, got {self.prefetch}")
-        if self.prior not in ("uniform", "gaussian", "full", "lowrank"):
-            raise ValueError(f"unknown prior {self.prior!r}; valid: uniform, gaussian, full, lowrank")
+        if self.prior not in ("uniform", "gaussian", "full", "lowrank", "source"):
+            raise ValueError(f"unknown prior {self.prior!r}; valid: uniform, gaussian, full, lowrank, source")
+        if (self.prior == "source") != bool(self.source):
+            raise ValueError("translation takes both --prior source and --source DIR (the source "
+                             f"domain's shards); got prior {self.prior!r}, source {self.source!r}")
         if self.workers < 1 or self.batch % self.workers:
             raise ValueError(f"batch {self.batch} must split evenly over {self.workers} workers")
         if self.steps < 1:

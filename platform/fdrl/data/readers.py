@@ -182,6 +182,17 @@ def read_mnist() -> Iterator[Item]:
         yield f"mnist_{i:05d}", images[i], int(labels[i])
 
 
+def read_sklearn_digits() -> Iterator[Item]:
+    """scikit-learn's 1797 8x8 digits (no download), grey levels 0..16 scaled to 0..255,
+    labelled; in a fixed shuffled order so that every shard holds every digit."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    for i in np.random.default_rng(0).permutation(len(images)):
+        yield f"digits_{i:04d}", images[i], int(digits.target[i])
+
+
 # ------------------------------------------------------------------------------ preprocessing
 
 

@@ -95,7 +95,7 @@ def resolve(cfg: TrainConfig, now: Optional[datetime] = None) -> ResolvedRun:
     run_name = _run_name(cfg, storage, now or datetime.now())
     resolved = dataclasses.replace(
         cfg, data=str(data), storage=str(storage), arch=arch, prior_path=prior_path,
-        run_name=run_name,
+        run_name=run_name, source=str(Path(cfg.source).resolve()) if cfg.source else "",
         # Resolved here: workers run in other directories, where the sqlite default would differ.
         tracking_uri=cfg.tracking_uri or default_tracking_uri())
     return ResolvedRun(resolved, storage / run_name, shard_set.shape, to_fit)
@@ -154,6 +154,10 @@ def check_run(run: ResolvedRun) -> None:
                 f"prior has shape {tuple(prior_shape)} but the data has shape {tuple(shape)}: "
                 f"fit a prior on this dataset (datasets/fit_prior.py), or drop --prior-path "
                 f"({cfg.prior_path})")
+    if cfg.prior == "source":  # translation: the source domain's images must be the data's shape
+        from fdrl.data.source_prior import check_domains
+
+        check_domains(open_shard_set(cfg.source).shape, shape)
     if cfg.eval_every and not cfg.eval_classifier.startswith("models:/"):
         if not (Path(cfg.eval_classifier) / "model.safetensors").is_file():
             raise FileNotFoundError(

@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from fdrl.distributed.checkpoint import load_checkpoint, save_checkpoint
 from fdrl.config import TrainConfig
+from fdrl.data.source_prior import SourcePrior, check_domains
 from fdrl.data.stream import ShardStream
 from fdrl.data.manifest import open_shard_set
 from fdrl.core.divergences import get_pairing
@@ -40,9 +41,12 @@ MARKER_TIMEOUT_S = 300
 GRID_SEED_OFFSET = 12345  # grids draw from their own seed, apart from the training stream
 
 
-def _rank_state(generator: torch.Generator, stream: ShardStream) -> dict:
-    return {"generator": generator.get_state(), "torch": torch.get_rng_state(),
-            "position": dict(stream.position)}
+def _rank_state(generator: torch.Generator, stream: ShardStream, prior) -> dict:
+    state = {"generator": generator.get_state(), "torch": torch.get_rng_state(),
+             "position": dict(stream.position)}
+    if isinstance(prior, SourcePrior):  # translation: the source stream resumes like the data
+        state["prior_position"] = prior.position
+    return state
 
 
 def _gather(obj, world: int) -> list:
@@ -53,7 +57,13 @@ def _gather(obj, world: int) -> list:
     return out
 
 
-def load_run_prior(cfg: TrainConfig, shape):
+def load_run_prior(cfg: TrainConfig, shape, rank: int = 0, world: int = 1,
+                   position: dict | None = None):
+    """The run's prior; for translation, this rank's stream over the source domain's shards."""
+    if cfg.prior == "source":
+        prior = SourcePrior.open(cfg.source, rank, world, cfg.seed, cfg.hflip, position)
+        check_domains(prior.shape, shape)
+        return prior
     return model_prior(cfg.prior, shape, cfg.prior_path or None)
 
 
@@ -72,7 +82,7 @@ def train_loop_per_worker(config: dict) -> None:
     run_dir = Path(cfg.storage) / cfg.run_name
 
     shard_set = open_shard_set(cfg.data)
-    prior = load_run_prior(cfg, shard_set.shape).to(device)
+    prior = None if cfg.prior == "source" else load_run_prior(cfg, shard_set.shape).to(device)
     pairing = get_pairing(cfg.pairing)
     flow = FlowSettings.from_config(cfg)
 
@@ -89,7 +99,7 @@ def train_loop_per_worker(config: dict) -> None:
         compile_network(module, device)
     generator = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank)
 
-    position = None
+    position = prior_position = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
@@ -100,10 +110,12 @@ def train_loop_per_worker(config: dict) -> None:
         mine = rank_states[rank]
         generator.set_state(mine["generator"])
         torch.set_rng_state(mine["torch"])
-        position = mine["position"]
+        position, prior_position = mine["position"], mine.get("prior_position")
         _console(f"[rank {rank}] resumed at step {state.step}, data position {position}")
 
     stream = ShardStream(shard_set, rank, world, cfg.seed, cfg.hflip, position)
+    if cfg.prior == "source":
+        prior = load_run_prior(cfg, shard_set.shape, rank, world, prior_position)
     batches = stream.batches(cfg.batch // world)
     tracker = Tracker(cfg.experiment, run_id=cfg.mlflow_run_id or None,
                       tracking_uri=cfg.tracking_uri or None,
@@ -149,7 +161,7 @@ def train_loop_per_worker(config: dict) -> None:
         if final:  # before the last report: Tune may end the trial as soon as it sees it
             _mark(cfg, rank, "finished")
         if step % cfg.checkpoint_every == 0 or final:
-            rank_states = _gather(_rank_state(generator, stream), world)
+            rank_states = _gather(_rank_state(generator, stream, prior), world)
             with tempfile.TemporaryDirectory() as tmp:
                 ckpt = None
                 if rank == 0:
@@ -195,6 +207,8 @@ def grid_samples(cfg: TrainConfig, net, prior, pairing, flow, device="cpu"):
 def _sample_grid(cfg, state, prior, pairing, flow, device, run_dir, rank):
     if rank != 0:
         return None
+    if cfg.prior == "source":  # the same source images every time, apart from the training stream
+        prior = SourcePrior.open(cfg.source, 0, 1, cfg.seed + GRID_SEED_OFFSET)
     x = grid_samples(cfg, state.ema, prior, pairing, flow, device)
     return save_grid(x, run_dir / "samples" / f"step_{state.step:07d}.png")
 
