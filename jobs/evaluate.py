@@ -42,6 +42,7 @@ def main(argv=None):
     from fdrl.eval.metrics import shard_batches
     from fdrl.tracking.registry import load_fdrl_model
     from fdrl.data.manifest import manifest_hash
+    from fdrl.config import default_storage
 
     try:
         model = load_fdrl_model(args.model, args.tracking_uri)
@@ -51,7 +52,7 @@ def main(argv=None):
         sys.exit(f"error: {err}")
     if len(train) < 2 * args.n:
         sys.exit(f"error: {data} has {len(train)} images; need 2 x --n = {2 * args.n}")
-    classifier = args.classifier or ensure_classifier(data, Path("runs"), manifest_hash(data))
+    classifier = args.classifier or ensure_classifier(data, default_storage(), manifest_hash(data))
     features = load_classifier(classifier, args.tracking_uri).features
     flow = FlowSettings.from_config(model.config, extra_steps=args.extra_steps)
     kappa = flow.extra_steps

@@ -13,6 +13,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,6 +25,7 @@ import torch.distributed as dist
 from fdrl.distributed.checkpoint import load_checkpoint, save_checkpoint
 from fdrl.config import TrainConfig
 from fdrl.data.prefetch import BatchPrefetcher
+from fdrl.data.source_prior import SourcePrior, check_domains
 from fdrl.data.stream import ShardStream
 from fdrl.data.manifest import open_shard_set
 from fdrl.core.divergences import get_pairing
@@ -39,10 +42,13 @@ MARKER_TIMEOUT_S = 300
 GRID_SEED_OFFSET = 12345  # grids draw from their own seed, apart from the training stream
 
 
-def _rank_state(generator: torch.Generator, batches: BatchPrefetcher) -> dict:
+def _rank_state(generator: torch.Generator, batches: BatchPrefetcher, prior) -> dict:
     # The consumer's position (after the last batch trained on), not the prefetch thread's.
-    return {"generator": generator.get_state(), "torch": torch.get_rng_state(),
-            "position": dict(batches.position)}
+    state = {"generator": generator.get_state(), "torch": torch.get_rng_state(),
+             "position": dict(batches.position)}
+    if isinstance(prior, SourcePrior):  # translation: the source stream resumes like the data
+        state["prior_position"] = prior.position
+    return state
 
 
 def _gather(obj, world: int) -> list:
@@ -53,7 +59,13 @@ def _gather(obj, world: int) -> list:
     return out
 
 
-def load_run_prior(cfg: TrainConfig, shape):
+def load_run_prior(cfg: TrainConfig, shape, rank: int = 0, world: int = 1,
+                   position: dict | None = None):
+    """The run's prior; for translation, this rank's stream over the source domain's shards."""
+    if cfg.prior == "source":
+        prior = SourcePrior.open(cfg.source, rank, world, cfg.seed, cfg.hflip, position)
+        check_domains(prior.shape, shape)
+        return prior
     return model_prior(cfg.prior, shape, cfg.prior_path or None)
 
 
@@ -64,6 +76,7 @@ def train_loop_per_worker(config: dict) -> None:
     from fdrl.tracking.tracker import Tracker
 
     cfg = TrainConfig.from_dict(config)
+    _quiet_ray_reports()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(cfg.threads)
@@ -71,7 +84,7 @@ def train_loop_per_worker(config: dict) -> None:
     run_dir = Path(cfg.storage) / cfg.run_name
 
     shard_set = open_shard_set(cfg.data)
-    prior = load_run_prior(cfg, shard_set.shape).to(device)
+    prior = None if cfg.prior == "source" else load_run_prior(cfg, shard_set.shape).to(device)
     pairing = get_pairing(cfg.pairing)
     flow = FlowSettings.from_config(cfg)
 
@@ -88,7 +101,7 @@ def train_loop_per_worker(config: dict) -> None:
         compile_network(module, device)
     generator = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank)
 
-    position = None
+    position = prior_position = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
@@ -99,10 +112,12 @@ def train_loop_per_worker(config: dict) -> None:
         mine = rank_states[rank]
         generator.set_state(mine["generator"])
         torch.set_rng_state(mine["torch"])
-        position = mine["position"]
-        print(f"[rank {rank}] resumed at step {state.step}, data position {position}")
+        position, prior_position = mine["position"], mine.get("prior_position")
+        _console(f"[rank {rank}] resumed at step {state.step}, data position {position}")
 
     stream = ShardStream(shard_set, rank, world, cfg.seed, cfg.hflip, position)
+    if cfg.prior == "source":
+        prior = load_run_prior(cfg, shard_set.shape, rank, world, prior_position)
     # Decoding runs ahead on a thread (cfg.prefetch batches); a failing run's worker process
     # ends with its thread, a finished one closes it below.
     batches = BatchPrefetcher(stream, cfg.batch // world, cfg.prefetch)
@@ -151,7 +166,7 @@ def train_loop_per_worker(config: dict) -> None:
         if final:  # before the last report: Tune may end the trial as soon as it sees it
             _mark(cfg, rank, "finished")
         if step % cfg.checkpoint_every == 0 or final:
-            rank_states = _gather(_rank_state(generator, batches), world)
+            rank_states = _gather(_rank_state(generator, batches, prior), world)
             with tempfile.TemporaryDirectory() as tmp:
                 ckpt = None
                 if rank == 0:
@@ -161,9 +176,32 @@ def train_loop_per_worker(config: dict) -> None:
         else:
             ray.train.report(metrics)
         if rank == 0:
-            print(f"step {step:6d} loss {metrics['loss']:+.4f} log r data {metrics['log_r_data']:+.3f} "
-                  f"flowed {metrics['log_r_flowed']:+.3f} {metrics['images_per_s']:.1f} img/s", flush=True)
+            _console(step_line(step, cfg.steps, metrics))
     batches.close()
+
+
+def step_line(step: int, steps: int, metrics: dict) -> str:
+    """The one console line per report: progress, loss, the KL diagnostic, speed and ETA."""
+    eta = (steps - step) * metrics["step_time"]
+    return (f"step {step}/{steps} loss {metrics['loss']:+.4f} log r data {metrics['log_r_data']:+.3f} "
+            f"flowed {metrics['log_r_flowed']:+.3f} {metrics['images_per_s']:.1f} img/s "
+            f"ETA {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}")
+
+
+def _console(line: str) -> None:
+    """Straight to stdout: Ray Train patches ``print`` into a logger, which shows each line twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def _quiet_ray_reports() -> None:
+    """Ray Train logs every report of every rank ("Reporting training result N: ..."); rank 0's
+    step line says what matters."""
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:  # another Ray layout: keep its logging as it is
+        return
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
 
 def grid_samples(cfg: TrainConfig, net, prior, pairing, flow, device="cpu"):
@@ -175,6 +213,8 @@ def grid_samples(cfg: TrainConfig, net, prior, pairing, flow, device="cpu"):
 def _sample_grid(cfg, state, prior, pairing, flow, device, run_dir, rank):
     if rank != 0:
         return None
+    if cfg.prior == "source":  # the same source images every time, apart from the training stream
+        prior = SourcePrior.open(cfg.source, 0, 1, cfg.seed + GRID_SEED_OFFSET)
     x = grid_samples(cfg, state.ema, prior, pairing, flow, device)
     return save_grid(x, run_dir / "samples" / f"step_{state.step:07d}.png")
 

@@ -1,0 +1,214 @@
+"""Standard FID on Ray: Inception features of real shards and of generated samples, streamed over
+actors, merged on the driver in a fixed order.
+
+* Each actor holds one copy of the Inception (one GPU each when the cluster has GPUs, else one
+  CPU with one torch thread) and, for generated samples, the ratio network and prior.
+* Work items are shards (real data) or the core sampler's chunks (generated data, seeded per
+  (seed, chunk index)), so the result does not depend on the number of workers.
+* Items return (size, 2048) float32 features, never images at 299^2; the driver folds them into
+  ``FeatureStats`` in item order as they arrive, so memory stays at a few chunks even for 50k.
+* Reference statistics come from the local cache, else the MLflow artifact store, else are
+  computed here and stored in both.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from fdrl.core.sampler import CHUNK, chunks
+from fdrl.eval.fid import KID_KEEP, FeatureStats, default_cache_dir, fid_kid, reference_key
+
+IN_FLIGHT = 2  # items queued per actor
+
+
+class _FeatureActor:
+    def __init__(self, weights: Optional[str], use_gpu: bool):
+        from fdrl.eval.inception import InceptionFeatures
+
+        if not use_gpu:
+            torch.set_num_threads(1)
+        self.features = InceptionFeatures(weights, "cuda" if use_gpu else "cpu")
+        self.device = self.features.device
+        self.model = None
+
+    def set_model(self, arch: str, state: dict, prior, pairing_name: str, flow) -> None:
+        from fdrl.core.divergences import get_pairing
+        from fdrl.core.networks import build_network
+
+        net = build_network(arch)
+        net.load_state_dict({k: torch.tensor(v) for k, v in state.items()})
+        self.model = (net.to(self.device).eval().requires_grad_(False), prior.to(self.device),
+                      get_pairing(pairing_name), flow)
+
+    def shard(self, root: str, name: str, limit: int) -> np.ndarray:
+        from fdrl.data.manifest import open_shard_set
+        from fdrl.data.stream import StreamStats, iter_samples
+
+        out, buf, seen = [], [], 0
+        for _, _, image in iter_samples(open_shard_set(root), StreamStats(), [name]):
+            buf.append(image)
+            seen += 1
+            if len(buf) == CHUNK or seen == limit:
+                out.append(self.features(torch.stack(buf)))
+                buf = []
+            if seen == limit:
+                break
+        if buf:
+            out.append(self.features(torch.stack(buf)))
+        return torch.cat(out).numpy() if out else np.empty((0, 2048), np.float32)
+
+    def chunk(self, seed: int, index: int, size: int) -> np.ndarray:
+        from fdrl.core.sampler import sample_chunk
+
+        net, prior, pairing, flow = self.model
+        x = sample_chunk(net, pairing, flow, seed, index, size, prior=prior, device=self.device).x
+        return self.features(x.clamp(-1, 1)).numpy()
+
+
+def _actors(workers: int, n_items: int, weights: Optional[str]):
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()
+    use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
+    cls = ray.remote(**({"num_gpus": 1} if use_gpu else {"num_cpus": 1}))(_FeatureActor)
+    return [cls.remote(weights, use_gpu) for _ in range(max(1, min(workers, n_items)))]
+
+
+def _run(actors, method: str, items: list[tuple], sizes: list[int], desc: str,
+         progress: bool, keep: int = KID_KEEP) -> FeatureStats:
+    """Run ``method(*item)`` over ``items`` on ``actors``; fold the features in item order."""
+    import ray
+    from tqdm import tqdm
+
+    queue = list(enumerate(items))
+    pending, ready = {}, {}
+    stats, next_index = None, 0
+
+    def submit(actor):
+        index, item = queue.pop(0)
+        pending[getattr(actor, method).remote(*item)] = (actor, index)
+
+    try:
+        for _ in range(IN_FLIGHT):
+            for actor in actors:
+                if queue:
+                    submit(actor)
+        with tqdm(total=sum(sizes), unit="img", desc=f"{desc} ({len(actors)} workers)",
+                  disable=not progress) as bar:
+            while pending:
+                (ref,), _ = ray.wait(list(pending), num_returns=1)
+                actor, index = pending.pop(ref)
+                ready[index] = torch.tensor(ray.get(ref))  # a copy: object-store arrays are read-only
+                bar.update(len(ready[index]))
+                if queue:
+                    submit(actor)
+                while next_index in ready:  # fold in item order: the result ignores scheduling
+                    feats = ready.pop(next_index)
+                    stats = (stats or FeatureStats.empty(feats.shape[1])).update(feats, keep)
+                    next_index += 1
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+    if stats is None or stats.count == 0:
+        raise ValueError(f"{desc}: no images")
+    return stats
+
+
+def _shard_items(shard_dir: str | os.PathLike, limit: Optional[int]) -> tuple[list, list]:
+    from fdrl.data.manifest import open_shard_set
+
+    shard_set = open_shard_set(shard_dir)
+    left = shard_set.total if limit is None else min(limit, shard_set.total)
+    items, sizes = [], []
+    for name, count in zip(shard_set.shards, shard_set.counts):
+        if left <= 0:
+            break
+        take = min(count, left)
+        items.append((str(shard_set.root), name, take))
+        sizes.append(take)
+        left -= take
+    return items, sizes
+
+
+def shard_stats_distributed(shard_dir: str | os.PathLike, *, limit: Optional[int] = None,
+                            workers: int = 2, weights: Optional[str] = None,
+                            progress: bool = True) -> FeatureStats:
+    """Features of a shard set's first ``limit`` images (manifest order), one shard per item."""
+    items, sizes = _shard_items(shard_dir, limit)
+    return _run(_actors(workers, len(items), weights), "shard", items, sizes, "FID reference", progress)
+
+
+def sample_stats_distributed(net, prior, pairing_name: str, flow, arch: str, n: int, seed: int, *,
+                             workers: int = 2, weights: Optional[str] = None,
+                             progress: bool = True) -> FeatureStats:
+    """Features of ``n`` samples (K + kappa steps), drawn chunk by chunk with the core sampler."""
+    import ray
+
+    todo = chunks(n)
+    actors = _actors(workers, len(todo), weights)
+    state = ray.put({k: v.detach().cpu().numpy() for k, v in net.state_dict().items()})
+    prior_ref = ray.put(prior.to("cpu"))
+    ray.get([a.set_model.remote(arch, state, prior_ref, pairing_name, flow) for a in actors])
+    return _run(actors, "chunk", [(seed, i, size) for i, _, size in todo],
+                [size for _, _, size in todo], "FID samples", progress)
+
+
+def ensure_reference(shard_dir: str | os.PathLike, *, limit: Optional[int] = None, workers: int = 2,
+                     weights: Optional[str] = None, cache_dir: Optional[str | os.PathLike] = None,
+                     tracking_uri: Optional[str] = None, use_mlflow: bool = True,
+                     progress: bool = True) -> tuple[Path, str]:
+    """The reference statistics file of ``shard_dir``: local cache, else MLflow, else computed on
+    Ray and stored in both. Returns (path, where it came from: 'local' | 'mlflow' | 'computed')."""
+    from fdrl.data.hashing import sha256_file
+    from fdrl.data.manifest import manifest_hash
+    from fdrl.eval.inception import resolve_weights
+
+    weights_sha = sha256_file(resolve_weights(weights))
+    key = reference_key(manifest_hash(shard_dir), weights_sha, limit)
+    cache = Path(cache_dir or default_cache_dir())
+    path = cache / f"{key}.safetensors"
+    if path.is_file():
+        return path, "local"
+    if use_mlflow:
+        from fdrl.tracking.fid_reference import fetch_reference
+
+        got = fetch_reference(key, cache, tracking_uri)
+        if got is not None:
+            return got, "mlflow"
+    start = time.perf_counter()
+    stats = shard_stats_distributed(shard_dir, limit=limit, workers=workers, weights=weights,
+                                    progress=progress)
+    stats.save(path)
+    if use_mlflow:
+        from fdrl.tracking.fid_reference import store_reference
+
+        store_reference(path, key, tracking_uri,
+                        {"data": str(Path(shard_dir).resolve()), "limit": limit or "all",
+                         "images": stats.count, "weights_sha256": weights_sha,
+                         "seconds": round(time.perf_counter() - start, 1)})
+    return path, "computed"
+
+
+def model_fid(model, shard_dir: str | os.PathLike, n: int, seed: int = 0, *, flow=None,
+              reference_limit: Optional[int] = None, workers: int = 2,
+              weights: Optional[str] = None, tracking_uri: Optional[str] = None,
+              progress: bool = True) -> dict[str, float]:
+    """Standard FID/KID of ``n`` samples of a registered model (``registry.LoadedModel``) against
+    its data's reference statistics (all images unless ``reference_limit``)."""
+    flow = flow or model.flow
+    ref_path, _ = ensure_reference(shard_dir, limit=reference_limit, workers=workers, weights=weights,
+                                   tracking_uri=tracking_uri, progress=progress)
+    start = time.perf_counter()
+    fake = sample_stats_distributed(model.net, model.prior, model.config.pairing, flow,
+                                    model.config.arch, n, seed, workers=workers, weights=weights,
+                                    progress=progress)
+    out = fid_kid(fake, FeatureStats.load(ref_path), seed)
+    out["seconds"] = time.perf_counter() - start
+    return out
