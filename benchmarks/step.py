@@ -54,6 +54,7 @@ VARIANTS = {
     "bf16+channels_last": ("bf16", True, False, False),
     "all": ("bf16", True, True, False),
 }
+WITHOUT_COMPILE = {"all": ("bf16", True, False, False)}  # --no-compile: "all" is bf16 + channels_last
 
 
 def synthetic_prior(shape, seed=0) -> FullGaussianPrior:
@@ -120,15 +121,6 @@ def conv_peak(dtype, threads, repeats=5) -> float:
     return flops / min(times) / 1e9  # best of: the machine's peak, not its load
 
 
-def step_flops(variant: Variant, data, prior) -> int:
-    state = copy.deepcopy(variant.state)
-    probe = copy.copy(variant)
-    probe.state = state
-    with FlopCounterMode(display=False) as counter:
-        probe.step(data, prior)
-    return counter.get_total_flops()
-
-
 def prior_share(prior, batch, step_s, repeats=20) -> float:
     g = torch.Generator().manual_seed(0)
     start = time.perf_counter()
@@ -147,16 +139,21 @@ def run_preset(name: str, rounds: int, warmup: int, log) -> dict:
     data = torch.rand(preset["batch"], *shape, generator=torch.Generator().manual_seed(1)) * 2 - 1
     variants = [Variant(v, preset, base) for v in VARIANTS]
     log(f"[{name}] warm-up ({warmup} steps per variant; compile happens here)")
+    flops = 0
     for v in variants:
-        for _ in range(warmup):
-            v.step(data, prior)
+        for i in range(warmup):
+            if v.name == "fp32_eager" and i == 0:  # FLOPs counted on an untimed step
+                with FlopCounterMode(display=False) as counter:
+                    v.step(data, prior)
+                flops = counter.get_total_flops()
+            else:
+                v.step(data, prior)
     times = {v.name: [] for v in variants}
     for r in range(rounds):
         for v in variants:
             times[v.name].append(v.step(data, prior))
         log(f"[{name}] round {r + 1}/{rounds}: " + ", ".join(f"{k} {t[-1]:.2f}s" for k, t in times.items()))
     medians = {k: statistics.median(t) for k, t in times.items()}
-    flops = step_flops(variants[0], data, prior)
     peak32, peak16 = conv_peak(torch.float32, preset["threads"]), conv_peak(torch.bfloat16, preset["threads"])
     base_s = medians["fp32_eager"]
     return {
@@ -190,11 +187,18 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=["reference", "demo", "both"], default="both")
     p.add_argument("--rounds", type=int, default=5, help="timed steps per variant (interleaved)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first (>= 1)")
     p.add_argument("--variants", nargs="*", choices=list(VARIANTS), default=None,
                    help="a subset (fp32_eager and all are always run)")
+    p.add_argument("--no-compile", action="store_true",
+                   help="leave torch.compile out (its first calls compile for minutes on 2 busy cores)")
     p.add_argument("--json", action="store_true", help="print one JSON object (one preset) or a list")
     args = p.parse_args(argv)
+    if args.no_compile:
+        for name in [n for n, v in VARIANTS.items() if v[2]]:
+            del VARIANTS[name]
+        VARIANTS.update(WITHOUT_COMPILE)
+        VARIANTS.pop("bf16+channels_last")
     if args.variants is not None:
         keep = {"fp32_eager", "all", *args.variants}
         for name in list(VARIANTS):
