@@ -17,7 +17,7 @@ from typing import Any
 # Set by the launcher, sweeps or tests through the config object; never command-line flags.
 INTERNAL_FIELDS = frozenset({"mlflow_run_id", "mlflow_parent_run_id", "fail_at_step", "marker_dir",
                              "marker_wait"})
-GPU_CHOICES = ("auto", "on", "off")
+GPU_CHOICES = ("auto", "on", "off", "wait")
 
 
 @dataclass
@@ -56,7 +56,7 @@ class TrainConfig:
     prefetch: int = 0  # batches decoded ahead on a background thread per worker (0: inline)
     # platform
     workers: int = 2  # Ray Train workers (one GPU each on GPUs)
-    gpu: str = "auto"  # auto: GPUs (NCCL) when the cluster has them, else CPUs (gloo); on: require GPUs; off: CPUs
+    gpu: str = "auto"  # auto: GPUs (NCCL) when the cluster has them now, else CPUs (gloo); on: require GPUs now; wait: ask for GPUs and wait for the autoscaler to add them; off: CPUs
     threads: int = 1  # torch threads per CPU worker
     worker_cpus: float = 0.0  # CPUs each CPU worker reserves (0: threads); sweeps leave room for trial drivers
     seed: int = 0  # seeds weights, data order, prior draws and grids
