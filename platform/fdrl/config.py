@@ -25,7 +25,7 @@ class TrainConfig:
     # data
     data: str = ""  # shard directory with manifest.parquet (made by datasets/prepare.py)
     dataset: str = ""  # name of runs (<dataset>-<time>) and of the model (fdrl-<dataset>); empty: the data folder's name
-    hflip: bool = True  # random horizontal flip
+    hflip: bool = True  # random horizontal flip (turn off for images that are not mirror-symmetric: digits, text)
     dequant: float = 0.03  # std of the dequantisation noise added to data (pixels in [-1, 1])
     # model and method
     arch: str = "cifar10"  # network: a paper preset (cifar10, celeba64, church128, cat2dog64, mnist32), or auto: built for the data's shape
