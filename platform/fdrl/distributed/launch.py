@@ -45,6 +45,20 @@ def ensure_prior(cfg: TrainConfig, shard_set, storage: Path) -> str:
     return str(path)
 
 
+def ensure_fid_reference(cfg: TrainConfig) -> str:
+    """With --fid: the reference statistics of fid_samples real images, computed once per
+    dataset on Ray before the trainer starts (cached locally and in MLflow)."""
+    if not cfg.fid or (cfg.fid_reference and Path(cfg.fid_reference).is_file()):
+        return cfg.fid_reference
+    from fdrl.distributed.fid import ensure_reference
+
+    path, source = ensure_reference(cfg.data, limit=cfg.fid_samples, workers=cfg.workers,
+                                    weights=cfg.fid_weights or None, tracking_uri=cfg.tracking_uri,
+                                    cache_dir=Path(cfg.storage) / "fid_cache")
+    print(f"FID reference ({cfg.fid_samples} images): {source} -> {path}")
+    return str(path)
+
+
 def run_training(cfg: TrainConfig, callbacks: Optional[list] = None):
     """Fit the prior if needed, open the MLflow run, train with a TorchTrainer; returns the Result.
     ``callbacks``: Ray Train user callbacks, e.g. Tune's report callback in a sweep trial."""
@@ -66,6 +80,7 @@ def run_training(cfg: TrainConfig, callbacks: Optional[list] = None):
         ray.init()
     cfg.prior_path = ensure_prior(cfg, shard_set, storage)
     check_prior_shape(load_run_prior(cfg, shard_set.shape), shard_set.shape)
+    cfg.fid_reference = ensure_fid_reference(cfg)
     cfg.run_name = _resolve_run_name(cfg, storage)
     run_dir = storage / cfg.run_name
     info_path = run_dir / RUN_INFO
