@@ -54,7 +54,7 @@ def main():
                           tracking_uri=uri, run_name=f"w{workers}")
         result = run_training(cfg)
         client = MlflowClient(uri)
-        run_id = result.fdrl_config.mlflow_run_id
+        run_id = result.mlflow_run_id
         rate = [m.value for m in client.get_metric_history(run_id, "images_per_s")][1:]
         step_time = [m.value for m in client.get_metric_history(run_id, "step_time")][1:]
         rows[workers] = (statistics.median(rate), statistics.median(step_time))

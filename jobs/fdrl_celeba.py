@@ -27,11 +27,14 @@ PRESET = TrainConfig(
     dataset="celeba",
     arch="celeba64",  # 5.13M-parameter ResNet for 3x64x64 (paper table 3)
     prior="full",  # data-dependent Gaussian, 12288 dims: a 0.6 GB factor, still fine
-    gpu=True,  # NCCL, one GPU per worker
+    gpu="auto",  # one GPU per worker (NCCL) when the cluster has GPUs; --gpu on requires them
     workers=4,
     log_every=50,
     checkpoint_every=5000,
     sample_every=5000,
+    fid=True,  # standard FID-2000 of EMA samples every fid_every steps and at the end
+    fid_samples=2000,
+    fid_every=10_000,
 )
 
 if __name__ == "__main__":

@@ -28,11 +28,14 @@ PRESET = TrainConfig(
     arch="church128",  # 5.44M-parameter ResNet for 3x128x128 (paper table 3)
     prior="lowrank",  # data-dependent Gaussian; its full 49152^2 factor would be 9.7 GB
     prior_rank=512,  # top principal components, plus an isotropic residual (PPCA)
-    gpu=True,  # NCCL, one GPU per worker
+    gpu="auto",  # one GPU per worker (NCCL) when the cluster has GPUs; --gpu on requires them
     workers=4,
     log_every=50,
     checkpoint_every=2000,  # ~24 TFLOP per step, the slowest preset: checkpoint more often
     sample_every=2000,
+    fid=True,  # standard FID-2000 of EMA samples every fid_every steps and at the end
+    fid_samples=2000,
+    fid_every=10_000,
 )
 
 if __name__ == "__main__":

@@ -2,6 +2,17 @@
 
     python jobs/sample.py --model models:/fdrl-mnist@champion --n 1000 --out samples/ --workers 2
 
+Class-conditional (FDRL eq. 31, a registered classifier guiding the flow with weight --phi):
+
+    python jobs/sample.py --model models:/fdrl-mnist@champion --classifier models:/classifier-mnist@candidate \
+        --label all --n 100 --phi 0.1 --out cond/
+
+writes OUT/samples.npy (classes x N x C x H x W; N x C x H x W for one label), labels.npy and
+grid.png (one row per class), and logs the run with its grid to MLflow (experiment fdrl-sampling).
+
+Translation (a model trained by jobs/fdrl_translate.py): --input (a shard folder or a .npy of
+source images) flows each given image K + kappa steps and writes OUT/samples.npy in input order.
+
 Writes OUT/samples.npy (N x C x H x W float32 in [-1, 1]) and OUT/grid.png (the first 64). The
 model is loaded with its sha256 check and without unpickling (fdrl.tracking.registry.load_fdrl_model).
 Chunk i of --batch samples is seeded from (--seed, i): the same seed and batch give the same
@@ -23,7 +34,12 @@ from fdrl.distributed.sampling import CHUNK, sample_to_dir
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="models:/NAME@ALIAS or models:/NAME/VERSION")
-    p.add_argument("--n", type=int, required=True, help="number of samples")
+    p.add_argument("--n", type=int, help="number of samples (per label with --label); "
+                   "not used with --input")
+    p.add_argument("--classifier", help="models:/NAME@ALIAS (or a folder) of the guiding classifier")
+    p.add_argument("--label", help="class to generate: an index, indices like 1,7, or 'all' (one row each)")
+    p.add_argument("--phi", type=float, default=0.1, help="guidance weight (eq. 31)")
+    p.add_argument("--input", help="translate: a shard folder or .npy of source images")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=1, help="Ray actors (1 GPU or 1 CPU each)")
@@ -35,14 +51,35 @@ def main(argv=None) -> int:
     p.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI or ./mlflow.db")
     args = p.parse_args(argv)
 
+    from fdrl.distributed.composed import conditional_to_dir, translate_to_dir
     from fdrl.tracking.registry import ModelNotFoundError, TamperedArtifactError
 
+    if (args.classifier is None) != (args.label is None):
+        p.error("--classifier and --label go together")
+    if args.input and args.classifier:
+        p.error("--input (translation) and --classifier (conditional) are separate runs")
+    if not args.input and args.n is None:
+        p.error("--n is required unless --input gives the images")
+    flow_args = dict(flow_steps=args.flow_steps, extra_steps=args.extra_steps, eta=args.eta, nu=args.nu)
     try:
-        summary = sample_to_dir(args.model, args.n, args.out, args.seed, args.workers, args.batch,
-                                args.tracking_uri, flow_steps=args.flow_steps,
-                                extra_steps=args.extra_steps, eta=args.eta, nu=args.nu)
-    except (ModelNotFoundError, TamperedArtifactError, ValueError) as err:
+        if args.classifier:
+            summary = conditional_to_dir(args.model, args.classifier, args.label, args.n, args.out,
+                                         args.phi, args.seed, args.workers, args.batch,
+                                         args.tracking_uri, **flow_args)
+        elif args.input:
+            summary = translate_to_dir(args.model, args.input, args.out, args.seed, args.workers,
+                                       args.batch, args.tracking_uri, **flow_args)
+        else:
+            summary = sample_to_dir(args.model, args.n, args.out, args.seed, args.workers,
+                                    args.batch, args.tracking_uri, **flow_args)
+    except (ModelNotFoundError, TamperedArtifactError, ValueError, FileNotFoundError) as err:
         sys.exit(f"error: {err}")
+    if summary.get("kind"):
+        print(f"\n{summary['kind']}: {summary['model']}, {summary['seconds']:.1f} s, "
+              f"{summary['images_per_s']:.1f} images/s\nsamples: {summary['samples']}\n"
+              f"grid:    {summary['grid']}")
+        Path(args.out, "summary.json").write_text(json.dumps(summary, indent=1))
+        return 0
     flow = summary["flow"]
     print(f"\n{summary['n']} samples from {summary['model']} with K + kappa = "
           f"{flow['flow_steps']} + {flow['extra_steps']} flow steps on {summary['workers']} "

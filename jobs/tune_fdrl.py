@@ -70,7 +70,7 @@ def main(argv=None):
     add_config_args(p, BASE)
     args = p.parse_args(argv)
 
-    base = config_from_args(args)
+    base = config_from_args(args, BASE)
     if not base.data:
         base.data = str(mnist_data())
     spec = yaml.safe_load(args.space.read_text()) if args.space else dict(DEFAULT_SPACE)

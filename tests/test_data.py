@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from fdrl.data.stream import ShardStream, epoch_shards
+from fdrl.data.stream import ShardStream, epoch_plan
 
 from fdrl.data.manifest import open_shard_set
 
@@ -32,7 +32,7 @@ def _write_set(root: Path, n_shards: int, per_shard: int, extra_members=None) ->
                 info = tarfile.TarInfo(member)
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
-        rows.append({"shard": name, "count": per_shard, "bytes": (root / name).stat().st_size,
+        rows.append({"shard": name, "count": len(members), "bytes": (root / name).stat().st_size,
                      "sha256": "", "resolution": 8, "source": "test"})
     table = pa.Table.from_pylist(rows).replace_schema_metadata({"resolution": "8", "channels": "1"})
     pq.write_table(table, root / "manifest.parquet")
@@ -44,18 +44,36 @@ def _keys(stream: ShardStream, n: int) -> list[str]:
     return [next(it)[1] for _ in range(n)]
 
 
-def test_two_workers_read_disjoint_shards_covering_the_epoch(tmp_path):
-    shard_set = open_shard_set(_write_set(tmp_path / "s", n_shards=5, per_shard=4))
-    all_keys = {f"{s:03d}_{i:03d}" for s in range(5) for i in range(4)}
-    per_rank = []
-    for rank in range(2):
-        mine = epoch_shards(5, epoch=0, seed=3, rank=rank, world=2)
-        per_rank.append(set(_keys(ShardStream(shard_set, rank, 2, seed=3), 4 * len(mine))))
-    assert not per_rank[0] & per_rank[1]
-    assert per_rank[0] | per_rank[1] == all_keys
-    # Each epoch reshuffles which worker gets which shard.
-    orders = {tuple(epoch_shards(5, e, 3, 0, 2)) for e in range(6)}
+def _epoch_keys(shard_set, rank: int, world: int, seed: int, epoch: int = 0) -> list[str]:
+    stream = ShardStream(shard_set, rank, world, seed=seed, position={"epoch": epoch, "index": 0})
+    keys = []
+    for _, key in stream.samples():
+        if stream.position["epoch"] != epoch:
+            break
+        keys.append(key)
+    return keys
+
+
+@pytest.mark.parametrize("n_shards,world", [(5, 2), (1, 2), (2, 3), (1, 4)])
+def test_workers_read_disjoint_samples_covering_the_epoch(tmp_path, n_shards, world):
+    shard_set = open_shard_set(_write_set(tmp_path / "s", n_shards=n_shards, per_shard=4))
+    all_keys = {f"{s:03d}_{i:03d}" for s in range(n_shards) for i in range(4)}
+    for epoch in (0, 1):
+        per_rank = [_epoch_keys(shard_set, rank, world, seed=3, epoch=epoch) for rank in range(world)]
+        assert sum(len(k) for k in per_rank) == len(all_keys)  # none twice
+        assert set().union(*map(set, per_rank)) == all_keys
+        sizes = sorted(len(k) for k in per_rank)
+        assert sizes[-1] - sizes[0] <= 1  # an even split, to one sample
+
+
+def test_each_epoch_reorders_the_shards():
+    orders = {tuple(index for index, _, _ in epoch_plan([4] * 5, e, 3, 0, 1)) for e in range(6)}
     assert len(orders) > 1
+
+
+def test_a_worker_opens_only_the_shards_its_slice_touches():
+    plan = epoch_plan([10] * 8, epoch=0, seed=0, rank=1, world=4)
+    assert sum(stop - first for _, first, stop in plan) == 20 and len(plan) == 2
 
 
 def test_resumed_stream_continues_exactly(tmp_path):
@@ -90,7 +108,18 @@ def test_missing_path_and_missing_manifest_are_named(tmp_path):
         open_shard_set(tmp_path / "empty")
 
 
-def test_too_few_shards_for_the_workers(tmp_path):
+def test_one_shard_resumes_exactly_with_two_workers(tmp_path):
+    shard_set = open_shard_set(_write_set(tmp_path / "s", n_shards=1, per_shard=7))
+    full = _keys(ShardStream(shard_set, 1, 2, seed=2), 12)  # 4 samples per epoch: three epochs
+    first = ShardStream(shard_set, 1, 2, seed=2)
+    head = _keys(first, 5)
+    resumed = ShardStream(shard_set, 1, 2, seed=2, position=first.position)
+    assert head + _keys(resumed, 7) == full
+
+
+def test_more_workers_than_samples_is_refused(tmp_path):
     shard_set = open_shard_set(_write_set(tmp_path / "s", n_shards=1, per_shard=2))
-    with pytest.raises(ValueError, match="1 shards cannot feed 2 workers"):
-        ShardStream(shard_set, 0, 2, seed=0)
+    with pytest.raises(ValueError, match="2 samples in .* cannot feed 3 workers"):
+        ShardStream(shard_set, 0, 3, seed=0)
+    with pytest.raises(ValueError, match="older stream format"):
+        ShardStream(shard_set, 0, 1, seed=0, position={"epoch": 0, "shard": 0, "offset": 1})

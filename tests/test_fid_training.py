@@ -36,7 +36,7 @@ def test_demo_preset_run_logs_fid(ray_cluster, workdir):
         checkpoint_every=2, sample_every=2, grid_size=4, fid_samples=8, register=False,
         storage=str(workdir / "runs"), tracking_uri=f"sqlite:///{workdir}/mlflow.db")
     result = run_training(cfg)
-    run_id = result.fdrl_config.mlflow_run_id
+    run_id = result.mlflow_run_id
     fid = _history(cfg, run_id, "fid")
     assert [m.step for m in fid] == [2]  # only at the end by default
     assert math.isfinite(fid[0].value) and fid[0].value > 0
@@ -69,7 +69,7 @@ def test_unlabelled_folder_run_logs_fid_every_report(ray_cluster, workdir):
                       fid=True, fid_every=1, fid_samples=6, register=False,
                       storage=str(workdir / "runs"), tracking_uri=f"sqlite:///{workdir}/mlflow.db")
     result = run_training(cfg)
-    fid = _history(cfg, result.fdrl_config.mlflow_run_id, "fid")
+    fid = _history(cfg, result.mlflow_run_id, "fid")
     assert sorted(m.step for m in fid) == [1, 2]
     assert all(math.isfinite(m.value) and m.value > 0 for m in fid)
     assert cfg.eval_classifier == "" and "kid" not in result.metrics

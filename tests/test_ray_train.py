@@ -37,7 +37,7 @@ def tiny(shards, workdir, **overrides) -> TrainConfig:
 
 
 def _final_tensors(result) -> dict[str, torch.Tensor]:
-    d = Path(result.checkpoint.path)
+    d = Path(result.checkpoint)
     tensors = {f"model.{k}": v for k, v in load_file(str(d / "model.safetensors")).items()}
     tensors.update({f"ema.{k}": v for k, v in load_file(str(d / "ema.safetensors")).items()})
     state = torch.load(d / "state.pt", weights_only=True)
@@ -62,7 +62,7 @@ def straight(ray_cluster, shards, workdir):
 
 def test_straight_run_is_tracked_in_mlflow(straight, workdir):
     client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
-    run = client.get_run(straight.fdrl_config.mlflow_run_id)
+    run = client.get_run(straight.mlflow_run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["pairing"] == "lsif-chi2" and run.data.params["flow_steps"] == "2"
     assert len(run.data.tags["manifest_hash"]) == 64 and "git_commit" in run.data.tags
@@ -84,7 +84,7 @@ def test_resume_gives_identical_parameters(straight, shards, workdir):
     _assert_identical(_final_tensors(straight), _final_tensors(resumed))
     # The resumed run continues the same MLflow run.
     client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
-    losses = client.get_metric_history(resumed.fdrl_config.mlflow_run_id, "loss")
+    losses = client.get_metric_history(resumed.mlflow_run_id, "loss")
     assert sorted(m.step for m in losses) == [1, 2, 3, 4]
 
 
@@ -92,7 +92,7 @@ def test_worker_failure_restarts_from_checkpoint(straight, shards, workdir):
     from fdrl.distributed.launch import run_training
 
     result = run_training(tiny(shards, workdir, run_name="crashy", fail_at_step=3))
-    assert (Path(result.fdrl_run_dir) / "injected_failure_3").exists()
+    assert (Path(result.run_dir) / "injected_failure_3").exists()
     _assert_identical(_final_tensors(straight), _final_tensors(result))
 
 
@@ -104,7 +104,7 @@ def test_training_goes_on_when_mlflow_is_unreachable(ray_cluster, shards, workdi
         port = s.getsockname()[1]
     result = run_training(tiny(shards, workdir, run_name="no-mlflow", steps=2,
                                tracking_uri=f"http://127.0.0.1:{port}"))
-    assert result.checkpoint is not None and result.fdrl_config.mlflow_run_id == ""
+    assert result.checkpoint is not None and result.mlflow_run_id == ""
 
 
 def test_bad_inputs_get_named_errors(ray_cluster, shards, workdir):
@@ -118,3 +118,12 @@ def test_bad_inputs_get_named_errors(ray_cluster, shards, workdir):
         run_training(tiny(shards, workdir, prior="uniform", prior_path=str(wrong)))
     with pytest.raises(ValueError, match="unknown pairing 'chi3'"):
         run_training(tiny(shards, workdir, pairing="chi3"))
+
+
+def test_gpu_auto_picks_cpu_and_gpu_on_fails_on_the_driver(straight, shards, workdir):
+    from fdrl.distributed.launch import run_training
+
+    assert straight.used_gpu is False  # --gpu auto (the default) on this CPU-only cluster
+    with pytest.raises(ValueError, match="--gpu on, but the Ray cluster has no GPUs"):
+        run_training(tiny(shards, workdir, run_name="gpu-on", gpu="on"))
+    assert not (workdir / "runs" / "gpu-on").exists()  # refused before the run started

@@ -96,7 +96,7 @@ def test_train_register_load_in_fresh_process_and_sample_twice(ray_cluster, tmp_
                       log_every=1, checkpoint_every=2, sample_every=2, grid_size=4,
                       max_failures=0, storage=str(tmp_path / "runs"), tracking_uri=uri)
     result = run_training(cfg)
-    assert result.fdrl_model_uri == "models:/fdrl-mnist@candidate"
+    assert result.model_uri == "models:/fdrl-mnist@candidate"
 
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(MLFLOW_DISABLE_TELEMETRY="true", RAY_USAGE_STATS_ENABLED="0")
@@ -104,11 +104,11 @@ def test_train_register_load_in_fresh_process_and_sample_twice(ray_cluster, tmp_
             "m = load_fdrl_model(sys.argv[1], sys.argv[2]); "
             "print(json.dumps({k: hashlib.sha256(v.numpy().tobytes()).hexdigest() "
             "for k, v in m.net.state_dict().items()}))")
-    out = subprocess.run([sys.executable, "-c", code, result.fdrl_model_uri, uri], env=env,
+    out = subprocess.run([sys.executable, "-c", code, result.model_uri, uri], env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     loaded = json.loads(out.stdout.strip().splitlines()[-1])
-    trained = load_file(str(Path(result.checkpoint.path) / "ema.safetensors"))
+    trained = load_file(str(Path(result.checkpoint) / "ema.safetensors"))
     import hashlib
     assert loaded == {k: hashlib.sha256(v.numpy().tobytes()).hexdigest() for k, v in trained.items()}
 
@@ -116,7 +116,7 @@ def test_train_register_load_in_fresh_process_and_sample_twice(ray_cluster, tmp_
     for attempt in range(2):
         out_dir = tmp_path / f"samples-{attempt}"
         job = subprocess.run(
-            [sys.executable, str(REPO / "jobs" / "sample.py"), "--model", result.fdrl_model_uri,
+            [sys.executable, str(REPO / "jobs" / "sample.py"), "--model", result.model_uri,
              "--n", "24", "--out", str(out_dir), "--seed", "5", "--workers", "2", "--batch", "8",
              "--tracking-uri", uri], env=env, capture_output=True, text=True, timeout=300)
         assert job.returncode == 0, job.stderr[-3000:]

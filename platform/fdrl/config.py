@@ -6,30 +6,42 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
+import os
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+# Set by the launcher, sweeps or tests through the config object; never command-line flags.
+INTERNAL_FIELDS = frozenset({"mlflow_run_id", "mlflow_parent_run_id", "fail_at_step", "marker_dir",
+                             "marker_wait"})
+GPU_CHOICES = ("auto", "on", "off")
 
 
 @dataclass
 class TrainConfig:
     # data
-    data: str = ""  # shard directory with manifest.parquet
-    dataset: str = "custom"  # name used for runs and the registry
+    data: str = ""  # shard directory with manifest.parquet (made by datasets/prepare.py)
+    dataset: str = ""  # name of runs (<dataset>-<time>) and of the model (fdrl-<dataset>); empty: the data folder's name
     hflip: bool = True  # random horizontal flip
     dequant: float = 0.03  # std of the dequantisation noise added to data (pixels in [-1, 1])
     # model and method
-    arch: str = "cifar10"  # networks.ARCHITECTURES key
+    arch: str = "cifar10"  # network: a paper preset (cifar10, celeba64, church128, cat2dog64, mnist32), or auto: built for the data's shape
+    net_size: str = "s"  # size of an auto network: s (~0.17M parameters), m (~0.7M), l (~2.8M)
+    net_widths: list = field(default_factory=list)  # channels per stage of an auto network (overrides --net-size), e.g. 32 64 128
     pairing: str = "lsif-chi2"  # lsif-chi2 | lr-kl | lr-js | lr-logd
-    prior: str = "full"  # uniform | gaussian | full | lowrank
+    prior: str = "full"  # uniform | gaussian | full | lowrank | source (translation: see `source`)
+    source: str = ""  # translation: source-domain shard directory, streamed as the prior (prior "source")
     prior_path: str = ""  # fitted prior (.safetensors); empty: fit it before training
     prior_rank: int = 512  # components of the low-rank prior
     # optimisation
     steps: int = 100_000  # training steps
     batch: int = 64  # global batch; each worker takes batch / workers
     lr: float = 1e-4  # Adam learning rate
-    beta1: float = 0.9
-    beta2: float = 0.999
+    beta1: float = 0.9  # Adam beta1
+    beta2: float = 0.999  # Adam beta2
     decay_steps: list = field(default_factory=lambda: [80_000, 90_000])  # lr x 0.1 at these steps
     ema: float = 0.998  # EMA decay m
     # flow
@@ -37,19 +49,24 @@ class TrainConfig:
     extra_steps: int = 20  # kappa, extra flow steps when sampling (20 data prior, 10 uniform)
     eta: float = 3.0  # flow step size
     nu: float = 0.01  # flow noise scale
+    # speed (fdrl.core.precision, fdrl.core.acceleration)
+    precision: str = "fp32"  # fp32 | bf16: bf16 autocast for the network in the flow and the loss
+    channels_last: bool = False  # NHWC conv weights (fast path of oneDNN and cuDNN)
+    compile: bool = False  # torch.compile the network (falls back to eager with one warning)
+    prefetch: int = 0  # batches decoded ahead on a background thread per worker (0: inline)
     # platform
-    workers: int = 2  # Ray Train workers (one GPU each with --gpu)
-    gpu: bool = False  # NCCL on GPUs; otherwise gloo on CPU
+    workers: int = 2  # Ray Train workers (one GPU each on GPUs)
+    gpu: str = "auto"  # auto: GPUs (NCCL) when the cluster has them, else CPUs (gloo); on: require GPUs; off: CPUs
     threads: int = 1  # torch threads per CPU worker
     worker_cpus: float = 0.0  # CPUs each CPU worker reserves (0: threads); sweeps leave room for trial drivers
-    seed: int = 0
+    seed: int = 0  # seeds weights, data order, prior draws and grids
     log_every: int = 10  # steps between metric reports
     checkpoint_every: int = 1000  # steps between checkpoints
     sample_every: int = 1000  # steps between EMA sample grids (K + kappa steps)
     grid_size: int = 64  # samples in a grid
-    keep_checkpoints: int = 3
+    keep_checkpoints: int = 3  # checkpoints kept per run (older ones are deleted)
     max_failures: int = 2  # automatic restarts after a worker failure
-    storage: str = "runs"  # Ray Train storage path (checkpoints, grids)
+    storage: str = ""  # where runs (checkpoints, grids) and fitted priors go; empty: $FDRL_HOME/runs, else ./runs
     run_name: str = ""  # empty: <dataset>-<timestamp>
     resume: bool = False  # continue run_name (or the latest run) from its last checkpoint
     experiment: str = "fdrl"  # MLflow experiment
@@ -72,6 +89,10 @@ class TrainConfig:
     fid_weights: str = ""  # Inception weights file; empty: $FDRL_FID_WEIGHTS or the pinned packaged one
     fid_reference: str = ""  # set by the launcher: the cached reference statistics file
 
+    def __post_init__(self):
+        if isinstance(self.gpu, bool):  # configs written before --gpu auto stored a bool
+            self.gpu = "on" if self.gpu else "off"
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -84,27 +105,68 @@ class TrainConfig:
         return cls(**d)
 
     def validate(self) -> "TrainConfig":
+        """Checks that need nothing but the config; ``launch.check_run`` checks it against the
+        data, the prior file and the cluster."""
         from fdrl.core.divergences import get_pairing
         from fdrl.core.flow import FlowSettings
 
         get_pairing(self.pairing)
         FlowSettings.from_config(self)
-        if self.prior not in ("uniform", "gaussian", "full", "lowrank"):
-            raise ValueError(f"unknown prior {self.prior!r}; valid: uniform, gaussian, full, lowrank")
+        if self.prefetch < 0:
+            raise ValueError(f"prefetch must be >= 0 batches, got {self.prefetch}")
+        if self.prior not in ("uniform", "gaussian", "full", "lowrank", "source"):
+            raise ValueError(f"unknown prior {self.prior!r}; valid: uniform, gaussian, full, lowrank, source")
+        if (self.prior == "source") != bool(self.source):
+            raise ValueError("translation takes both --prior source and --source DIR (the source "
+                             f"domain's shards); got prior {self.prior!r}, source {self.source!r}")
         if self.workers < 1 or self.batch % self.workers:
             raise ValueError(f"batch {self.batch} must split evenly over {self.workers} workers")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.gpu not in GPU_CHOICES:
+            raise ValueError(f"--gpu {self.gpu!r}: valid values are {', '.join(GPU_CHOICES)}")
+        from fdrl.core.networks import NET_SIZES
+
+        if self.net_size not in NET_SIZES:
+            raise ValueError(f"--net-size {self.net_size!r}: valid values are {', '.join(NET_SIZES)}")
+        if self.eval_every and not self.eval_classifier:
+            raise ValueError(f"--eval-every {self.eval_every} needs --eval-classifier (a folder or "
+                             "models:/NAME@ALIAS; jobs/train_classifier.py trains one)")
         return self
 
 
+def default_storage() -> Path:
+    """Where runs go when --storage is empty: $FDRL_HOME/runs, else ./runs."""
+    return Path(os.environ.get("FDRL_HOME") or os.getcwd()).expanduser() / "runs"
+
+
+def storage_root(cfg: TrainConfig) -> Path:
+    return Path(cfg.storage).expanduser().resolve() if cfg.storage else default_storage().resolve()
+
+
+def field_help() -> dict[str, str]:
+    """Each field's one-line description: its trailing comment in the class source above."""
+    pattern = re.compile(r"^\s+(\w+):[^#]*#\s*(.+)$")
+    found = (pattern.match(line) for line in inspect.getsource(TrainConfig).splitlines())
+    return {m.group(1): m.group(2).strip() for m in found if m}
+
+
+def user_fields() -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(TrainConfig) if f.name not in INTERNAL_FIELDS]
+
+
 def add_config_args(parser: argparse.ArgumentParser, defaults: TrainConfig) -> None:
-    """One --flag per field (underscores become dashes), defaulting to the preset's values."""
-    for f in dataclasses.fields(TrainConfig):
+    """One --flag per user field (underscores become dashes), defaulting to the preset's values;
+    the help line is the field's comment."""
+    descriptions = field_help()
+    for f in user_fields():
         value = getattr(defaults, f.name)
         flag = "--" + f.name.replace("_", "-")
-        help_text = f"(default: {json.dumps(value)})"
-        if isinstance(value, bool):
+        help_text = f"{descriptions.get(f.name, '')} (default: {json.dumps(value)})".replace("%", "%%")
+        if f.name == "gpu":
+            parser.add_argument(flag, nargs="?", const="on", choices=GPU_CHOICES, default=value,
+                                help=help_text)
+        elif isinstance(value, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value, help=help_text)
         elif isinstance(value, list):
             parser.add_argument(flag, type=int, nargs="*", default=value, help=help_text)
@@ -112,6 +174,8 @@ def add_config_args(parser: argparse.ArgumentParser, defaults: TrainConfig) -> N
             parser.add_argument(flag, type=type(value), default=value, help=help_text)
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+def config_from_args(args: argparse.Namespace, defaults: TrainConfig | None = None) -> TrainConfig:
+    """The parsed flags over ``defaults`` (which supplies the internal fields)."""
+    names = {f.name for f in user_fields()}
+    return dataclasses.replace(defaults or TrainConfig(),
+                               **{k: v for k, v in vars(args).items() if k in names})

@@ -2,17 +2,25 @@
 
 The same function pushes prior samples K steps during training and K + kappa steps when sampling.
 Only input gradients are taken: parameters never accumulate ``.grad``, and no graph survives a step.
+
+Fast paths that leave the maths alone: the parameters are frozen for the flow (no weight
+gradients are ever built), spectral-norm weights are computed once per flow rather than once per
+step (eval mode: no power iterations; the weights are fixed), and x and the noise live in two
+buffers updated in place. ``precision="bf16"`` runs only the network under bf16 autocast.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from fdrl.core.divergences import Pairing
+from fdrl.core.precision import check_precision, network_output
 
 # An extra per-sample potential added to f'(r(x)), e.g. -phi * log p(y|x) for class-conditional
 # generation. It maps a batch x to a tensor of shape (batch,).
@@ -30,15 +38,18 @@ def check_flow_args(steps: int, eta: float, nu: float) -> None:
 
 @dataclass(frozen=True)
 class FlowSettings:
-    """The flow of a model: K steps in training, K + kappa when sampling, step eta, noise nu."""
+    """The flow of a model: K steps in training, K + kappa when sampling, step eta, noise nu,
+    and the precision the network runs at (``fdrl.core.precision``)."""
 
     flow_steps: int  # K
     extra_steps: int  # kappa
     eta: float
     nu: float
+    precision: str = "fp32"  # fp32 | bf16 (autocast for the network only)
 
     def __post_init__(self):
         check_flow_args(self.flow_steps, self.eta, self.nu)
+        check_precision(self.precision)
         if not isinstance(self.extra_steps, int) or self.extra_steps < 0:
             raise ValueError(f"extra flow steps kappa must be an integer >= 0, got {self.extra_steps!r}")
 
@@ -48,11 +59,33 @@ class FlowSettings:
 
     @classmethod
     def from_config(cls, config, **overrides) -> "FlowSettings":
-        """From any object with flow_steps, extra_steps, eta and nu; None overrides are ignored."""
+        """From any object with flow_steps, extra_steps, eta and nu (and optionally precision);
+        None overrides are ignored."""
         base = dict(flow_steps=config.flow_steps, extra_steps=config.extra_steps,
-                    eta=config.eta, nu=config.nu)
+                    eta=config.eta, nu=config.nu, precision=getattr(config, "precision", "fp32"))
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**base)
+
+
+@contextlib.contextmanager
+def frozen_for_flow(net: nn.Module):
+    """Eval mode, no parameter gradients and cached spectral-norm weights, for one flow; the
+    previous mode and requires_grad flags come back afterwards."""
+    was_training = net.training
+    params = list(net.parameters())
+    flags = [p.requires_grad for p in params]
+    net.eval().requires_grad_(False)
+    try:
+        with parametrize.cached():
+            for module in net.modules():  # fill the cache now, in fp32, outside any autocast
+                if parametrize.is_parametrized(module):
+                    for name in module.parametrizations:
+                        getattr(module, name)
+            yield net
+    finally:
+        net.train(was_training)
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
 
 
 def flow(
@@ -65,38 +98,41 @@ def flow(
     generator: Optional[torch.Generator] = None,
     extra_potential: Optional[Potential] = None,
     return_log_r: bool = False,
+    precision: str = "fp32",
 ):
-    """Run ``steps`` flow steps from ``x``; returns the flowed batch (detached).
+    """Run ``steps`` flow steps from ``x``; returns the flowed batch (detached, a new tensor).
 
     With ``return_log_r`` it returns ``(x, log_r)`` where ``log_r[k]`` is the batch mean of
     log r(x_k) for k = 0..steps: the KL diagnostic of the DGGF paper along the flow.
     ``net`` runs in eval mode for the duration and its previous mode is restored.
+    ``precision`` is the network's (``fdrl.core.precision``); x, the step and the noise are fp32.
     """
     check_flow_args(steps, eta, nu)
-    was_training = net.training
-    net.eval()
+    check_precision(precision)
     log_r_means = []
-    try:
-        x = x.detach()
+    with frozen_for_flow(net):
+        x = x.detach().clone()  # updated in place below; the caller's tensor is left alone
+        noise = torch.empty_like(x)
         for _ in range(steps):
-            x.requires_grad_(True)
+            x_in = x.detach().requires_grad_(True)
             with torch.enable_grad():
-                out = net(x)
+                out = network_output(net, x_in, precision)
                 potential = pairing.f_prime(out)
                 if extra_potential is not None:
-                    potential = potential + extra_potential(x)
+                    potential = potential + extra_potential(x_in)
                 # Samples are independent (no batch statistics), so the gradient of the sum
                 # is each sample's own gradient.
-                (grad,) = torch.autograd.grad(potential.sum(), x)
+                (grad,) = torch.autograd.grad(potential.sum(), x_in)
             if return_log_r:
                 log_r_means.append(pairing.log_r(out.detach()).mean())
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            x = (x.detach() - eta * grad + nu * noise).detach()
+            with torch.no_grad():
+                # x <- x - eta * grad + nu * xi; the noise is drawn even at nu = 0 so the
+                # generator's stream does not depend on nu.
+                torch.randn(x.shape, generator=generator, out=noise)
+                x.sub_(grad.mul_(eta)).add_(noise.mul_(nu))
         if return_log_r:
             with torch.no_grad():
-                log_r_means.append(pairing.log_r(net(x)).mean())
-    finally:
-        net.train(was_training)
+                log_r_means.append(pairing.log_r(network_output(net, x, precision)).mean())
     if return_log_r:
         return x, torch.stack(log_r_means).cpu()
     return x

@@ -123,14 +123,59 @@ class ResNetRatio(nn.Module):
         return self.head(h).squeeze(-1)
 
 
+# The same family for any image shape: channels per stage; each stage is a "Down" ResBlock (a
+# plain one once the feature map is 4x4) and a plain ResBlock, as in the paper's table 3.
+NET_SIZES: dict[str, tuple[int, ...]] = {"s": (16, 32, 64), "m": (32, 64, 128),
+                                         "l": (64, 128, 256)}
+GENERIC = "resnet"  # arch strings "resnet:CxHxW:w1,w2,..." name a network of this family
+MIN_FEATURE_SIZE = 4
+
+
+def generic_arch(shape: Sequence[int], widths: Sequence[int]) -> str:
+    """The arch string of the family's network for images of ``shape`` (C, H, W): it names
+    everything needed to rebuild the network, so checkpoints and the registry need nothing else."""
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"image shape must be (channels, height, width), got {tuple(shape)}")
+    if not widths or min(widths) < 1:
+        raise ValueError(f"network widths must be positive channel counts, got {list(widths)}")
+    return f"{GENERIC}:{'x'.join(map(str, shape))}:{','.join(map(str, widths))}"
+
+
+def _generic_spec(arch: str) -> dict:
+    try:
+        _, shape, widths = arch.split(":")
+        in_shape = tuple(int(v) for v in shape.split("x"))
+        chans = [int(v) for v in widths.split(",")]
+    except ValueError:
+        raise ValueError(f"bad network spec {arch!r}; expected {GENERIC}:CxHxW:w1,w2,...") from None
+    blocks, size = [], min(in_shape[1:])
+    for width in chans:
+        down = size > MIN_FEATURE_SIZE
+        size = (size + 1) // 2 if down else size
+        blocks += [(width, down), (width, False)]
+    return dict(in_shape=in_shape, stem=chans[0], blocks=blocks)
+
+
 def build_network(arch: str, **overrides) -> nn.Module:
-    """Build by name: "mlp" or a key of ARCHITECTURES; ``overrides`` replace its defaults."""
+    """Build by name: "mlp", a key of ARCHITECTURES or a ``generic_arch`` string; ``overrides``
+    replace its defaults."""
     if arch == "mlp":
         return MLP(**overrides)
+    if arch.startswith(GENERIC + ":"):
+        return ResNetRatio(**{**_generic_spec(arch), **overrides})
     if arch not in ARCHITECTURES:
-        valid = ", ".join(["mlp", *ARCHITECTURES])
+        valid = ", ".join(["mlp", *ARCHITECTURES, f"{GENERIC}:CxHxW:w1,w2,..."])
         raise ValueError(f"unknown network architecture {arch!r}; valid: {valid}")
     return ResNetRatio(**{**ARCHITECTURES[arch], **overrides})
+
+
+def network_input_shape(arch: str) -> tuple[int, ...]:
+    """The input shape of ``arch`` without building it."""
+    if arch.startswith(GENERIC + ":"):
+        return _generic_spec(arch)["in_shape"]
+    if arch in ARCHITECTURES:
+        return tuple(ARCHITECTURES[arch]["in_shape"])
+    return tuple(build_network(arch).in_shape)
 
 
 def count_parameters(net: nn.Module) -> int:

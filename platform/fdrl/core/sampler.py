@@ -23,6 +23,7 @@ from torch import nn
 
 from fdrl.core.divergences import Pairing
 from fdrl.core.flow import FlowSettings, Potential, flow
+from fdrl.core.precision import network_output
 from fdrl.core.priors import Prior
 
 CHUNK = 64  # part of the seeding: a different chunk size gives different samples
@@ -78,20 +79,21 @@ def sample_chunk(net: nn.Module, pairing: Pairing, flow_settings: FlowSettings, 
     for mark in marks:
         if mark > done:
             x, segment = flow(net, x, pairing, mark - done, flow_settings.eta, flow_settings.nu,
-                              gen, extra_potential, return_log_r=True)
+                              gen, extra_potential, return_log_r=True,
+                              precision=flow_settings.precision)
             traces.append(segment if not traces else segment[1:])
             done = mark
         if mark in record:
             stages[mark] = x.cpu()
     log_r = None
     if trace:
-        log_r = torch.cat(traces) if traces else _log_r_now(net, pairing, x)
+        log_r = torch.cat(traces) if traces else _log_r_now(net, pairing, x, flow_settings.precision)
     return Samples(x.cpu(), stages, log_r)
 
 
 @torch.no_grad()
-def _log_r_now(net, pairing, x):
-    return pairing.log_r(net(x)).mean().reshape(1).cpu()
+def _log_r_now(net, pairing, x, precision="fp32"):
+    return pairing.log_r(network_output(net, x, precision)).mean().reshape(1).cpu()
 
 
 def sample(net: nn.Module, pairing: Pairing, flow_settings: FlowSettings, n: Optional[int] = None,

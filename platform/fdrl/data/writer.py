@@ -31,7 +31,7 @@ import tarfile
 import time
 from dataclasses import dataclass
 from functools import partial
-from itertools import islice
+from itertools import chain, islice
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -43,9 +43,12 @@ from .hashing import sha256_file
 from .manifest import MANIFEST_NAME, manifest_hash, write_manifest
 from .readers import (CAT2DOG_DOMAINS, IMAGE_EXTENSIONS, MNIST_SOURCE, PREPROCESSORS, Item, Payload,
                       existing, process, read_celeba, read_cifar10, read_folder, read_lsun,
-                      read_mnist)
+                      read_mnist, read_sklearn_digits)
 
 FORMAT_VERSION = 1
+DEFAULT_SHARD_SIZE = 1000
+AUTO_SHARDS = 8  # a set smaller than AUTO_SHARDS full shards is cut into this many shards
+MODES = {1: "L", 3: "RGB"}  # --channels
 
 @dataclass(frozen=True)
 class ManifestInfo:
@@ -154,17 +157,30 @@ def _remove_stale_shards(out_dir: Path, dataset: str, shard_count: int) -> None:
             path.unlink()
 
 
+def auto_shard_size(n_items: int) -> int:
+    """Full shards of DEFAULT_SHARD_SIZE for large sets; a small set is cut into AUTO_SHARDS
+    shards, so prior fits and data loading still spread over several workers."""
+    return max(1, min(DEFAULT_SHARD_SIZE, -(-n_items // AUTO_SHARDS)))
+
+
 def write_shards(
     items: Iterable[Item], out_dir: str | os.PathLike, *, dataset: str, source: str,
-    preprocess: str, resolution: int, mode: str, shard_size: int = 1000,
+    preprocess: str, resolution: int, mode: str, shard_size: int | None = None,
     limit: int | None = None, progress: bool = True,
 ) -> ManifestInfo:
     """Write ``items`` as shards ``{dataset}-NNNNNN.tar`` plus ``manifest.parquet`` in ``out_dir``.
 
     Shards already complete on disk are kept; the manifest is removed first and written last.
+    ``shard_size`` None: ``auto_shard_size`` of the number of items.
     """
     if preprocess not in PREPROCESSORS:
         raise ValueError(f"unknown preprocess {preprocess!r}; valid: {sorted(PREPROCESSORS)}")
+    items, total = islice(items, limit), limit
+    if shard_size is None:
+        peek = DEFAULT_SHARD_SIZE * AUTO_SHARDS
+        head = list(islice(items, peek))
+        shard_size = auto_shard_size(len(head))
+        items, total = chain(head, items), len(head) if len(head) < peek else limit
     if shard_size < 1:
         raise ValueError(f"shard_size must be positive, got {shard_size}")
     start = time.perf_counter()
@@ -175,8 +191,8 @@ def write_shards(
               "resolution": resolution, "mode": mode}
     encode = partial(process, preprocess=preprocess, resolution=resolution, mode=mode)
     records, reused = [], 0
-    with tqdm(total=limit, desc=dataset, unit="img", disable=not progress) as bar:
-        for index, chunk in enumerate(_chunks(islice(items, limit), shard_size)):
+    with tqdm(total=total, desc=dataset, unit="img", disable=not progress) as bar:
+        for index, chunk in enumerate(_chunks(items, shard_size)):
             tar_path = out_dir / f"{dataset}-{index:06d}.tar"
             digest = _keys_digest(chunk)
             record = _reusable_record(tar_path, params, digest)
@@ -225,43 +241,61 @@ SOURCES: dict[str, SourceSpec] = {
     "cifar10": SourceSpec(lambda path, split: read_cifar10(path, split or "train"), "resize", 32,
                           "RGB"),
     "mnist": SourceSpec(lambda path, split: read_mnist(), "pad", 32, "L"),
+    # Up-sampled (bicubic) from 8x8 to the MNIST preset's 32x32: a second, unpaired digit domain.
+    "sklearn-digits": SourceSpec(lambda path, split: read_sklearn_digits(), "resize", 32, "L"),
 }
+BUNDLED = {"mnist": MNIST_SOURCE, "sklearn-digits": "sklearn:load_digits"}  # need no input path
 CAT2DOG = SourceSpec(lambda path, split: read_folder(path), "resize_then_center_crop", 64, "RGB")
 
 
 def convert(
     kind: str, input_path: str | os.PathLike | None, out_dir: str | os.PathLike, *,
-    resolution: int | None = None, shard_size: int = 1000, split: str | None = None,
-    limit: int | None = None, progress: bool = True,
+    resolution: int | None = None, shard_size: int | None = None, split: str | None = None,
+    limit: int | None = None, progress: bool = True, channels: int | None = None,
+    labels: bool = False,
 ) -> ManifestInfo:
     """Convert one source into a shard set in ``out_dir``.
 
     ``kind`` is one of ``SOURCES`` (cat2dog has one set per domain: see ``convert_cat2dog``).
     ``input_path`` is ignored for mnist. ``split`` is for cifar10 ("train", the default, or
-    "test"). ``limit`` keeps the first N input items.
+    "test"). ``labels`` (folder only) labels each image by its top-level subfolder. ``limit``
+    keeps the first N input items. ``channels`` (1 or 3) overrides the source's colour mode:
+    1 stores grayscale, 3 RGB.
     """
     if kind not in SOURCES:
         raise ValueError(f"unknown source kind {kind!r}; valid: {sorted(SOURCES)} "
                          "(cat2dog: use convert_cat2dog)")
     spec = SOURCES[kind]
-    if kind == "mnist":
-        source = MNIST_SOURCE
+    if kind in BUNDLED:
+        source = BUNDLED[kind]
     elif input_path is None:
         raise ValueError(f"source kind {kind!r} needs an input path")
     else:
         input_path = existing(input_path)
         source = str(input_path)
+    if labels and kind != "folder":
+        raise ValueError(f"labels from folders apply to folder sources, not {kind!r}")
     dataset = f"{kind}-{split or 'train'}" if kind == "cifar10" else kind
+    items = read_folder(input_path, labels=True) if labels else spec.reader(input_path, split)
     return write_shards(
-        spec.reader(input_path, split), out_dir, dataset=dataset, source=source,
-        preprocess=spec.preprocess, resolution=resolution or spec.resolution, mode=spec.mode,
-        shard_size=shard_size, limit=limit, progress=progress,
+        items, out_dir, dataset=dataset, source=source,
+        preprocess=spec.preprocess, resolution=resolution or spec.resolution,
+        mode=_mode(channels, spec.mode), shard_size=shard_size, limit=limit, progress=progress,
     )
+
+
+def _mode(channels: int | None, default: str) -> str:
+    if channels is None:
+        return default
+    if channels not in MODES:
+        raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
+    return MODES[channels]
 
 
 def convert_cat2dog(
     root: str | os.PathLike, out_dir: str | os.PathLike, *, resolution: int | None = None,
-    shard_size: int = 1000, limit: int | None = None, progress: bool = True,
+    shard_size: int | None = None, limit: int | None = None, progress: bool = True,
+    channels: int | None = None,
 ) -> dict[str, ManifestInfo]:
     """One shard set per domain folder present in ``root`` (``out_dir/trainA``, ...)."""
     root = existing(root)
@@ -273,7 +307,7 @@ def convert_cat2dog(
             CAT2DOG.reader(root / domain, None), Path(out_dir) / domain,
             dataset=f"cat2dog-{domain}", source=str(root / domain),
             preprocess=CAT2DOG.preprocess, resolution=resolution or CAT2DOG.resolution,
-            mode=CAT2DOG.mode, shard_size=shard_size, limit=limit, progress=progress,
+            mode=_mode(channels, CAT2DOG.mode), shard_size=shard_size, limit=limit, progress=progress,
         )
         for domain in domains
     }
@@ -283,5 +317,5 @@ def ensure_mnist_shards(out_dir: str | os.PathLike, *, progress: bool = False) -
     """MNIST-5k shards in ``out_dir``, built only when its manifest is missing (fresh checkout)."""
     out_dir = Path(out_dir)
     if not (out_dir / MANIFEST_NAME).exists():
-        convert("mnist", None, out_dir, progress=progress)
+        convert("mnist", None, out_dir, shard_size=DEFAULT_SHARD_SIZE, progress=progress)
     return out_dir

@@ -46,11 +46,26 @@ def fit_prior_distributed(shard_set: ShardSet, kind: str, rank: int = 512, tasks
     tasks = tasks or max(1, min(len(shard_set.shards), int(ray.available_resources().get("CPU", 1))))
     groups = [list(shard_set.shards[i::tasks]) for i in range(tasks)]
     refs = [_group_stats.remote(shard_set, g, stat_kind, width, seed) for g in groups if g]
+    results = _gather_with_progress(refs, f"prior fit ({shard_set.total} images)")
     merged = None
-    for stats, _skipped in ray.get(refs):
+    for stats, _skipped in results:  # merged in group order: the same prior however tasks finish
         merged = stats if merged is None else merged.merge(stats)
     if kind == "full":
         prior = fit_full(merged, shard_set.shape, clamp=1.0)
     else:
         prior = fit_lowrank(merged, shard_set.shape, rank=min(rank, dim), clamp=1.0)
     return prior, time.perf_counter() - start
+
+
+def _gather_with_progress(refs: list, desc: str) -> list:
+    """``ray.get(refs)`` in order, advancing a progress bar as each task finishes."""
+    from tqdm import tqdm
+
+    index = {ref: i for i, ref in enumerate(refs)}
+    results, pending = [None] * len(refs), list(refs)
+    with tqdm(total=len(refs), desc=desc, unit="task") as bar:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            results[index[done[0]]] = ray.get(done[0])
+            bar.update(1)
+    return results

@@ -4,6 +4,8 @@
 has GPUs, else one CPU with one torch thread), keeps every actor busy and advances a tqdm bar as
 chunks finish. Each chunk is ``fdrl.core.sampler.sample_chunk``, seeded from (seed, index) alone,
 so 1 worker and 8 workers give the same array. Samples are clamped to the image range [-1, 1].
+The same actors draw class-guided rows (a classifier and labels, ``fdrl.core.guidance``) and flow
+given starting points (translation); ``fdrl.distributed.composed`` writes those runs.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import numpy as np
 import torch
 
 from fdrl.core.divergences import get_pairing
+from fdrl.core.guidance import class_potential, frozen
 from fdrl.core.flow import FlowSettings
 from fdrl.core.networks import build_network
 from fdrl.core.priors import Prior
@@ -29,8 +32,8 @@ IN_FLIGHT = 2  # chunks queued per actor, so an actor never idles while its next
 class _SamplerActor:
     """Holds one copy of the network and prior; draws whole chunks."""
 
-    def __init__(self, arch: str, state: dict, prior: Prior, pairing_name: str,
-                 flow: FlowSettings, use_gpu: bool):
+    def __init__(self, arch: str, state: dict, prior: Optional[Prior], pairing_name: str,
+                 flow: FlowSettings, use_gpu: bool, guide: Optional[dict] = None):
         if use_gpu:
             self.device = torch.device("cuda")  # Ray sets CUDA_VISIBLE_DEVICES to this GPU
             # The flow's input gradients run conv backward kernels; pick deterministic ones.
@@ -42,61 +45,90 @@ class _SamplerActor:
         # torch.tensor copies: arrays from Ray's object store are read-only.
         self.net.load_state_dict({k: torch.tensor(v) for k, v in state.items()})
         self.net.to(self.device).eval().requires_grad_(False)
-        self.prior = prior.to(self.device)
+        self.prior = None if prior is None else prior.to(self.device)
         self.pairing, self.flow = get_pairing(pairing_name), flow
+        self.classifier, self.phi = None, 0.0
+        if guide is not None:  # {"architecture": ClassifierConfig dict, "state": arrays, "phi"}
+            from fdrl.eval.classifier import ClassifierConfig, MnistClassifier
 
-    def sample(self, seed: int, index: int, size: int) -> np.ndarray:
+            clf = MnistClassifier(ClassifierConfig.from_dict(guide["architecture"]))
+            clf.load_state_dict({k: torch.tensor(v) for k, v in guide["state"].items()})
+            self.classifier, self.phi = frozen(clf.to(self.device)), float(guide["phi"])
+
+    def sample(self, seed: int, index: int, size: int, label: Optional[int] = None,
+               start: Optional[np.ndarray] = None) -> np.ndarray:
+        potential = None if label is None else class_potential(self.classifier, label, self.phi)
         part = sample_chunk(self.net, self.pairing, self.flow, seed, index, size, prior=self.prior,
-                            device=self.device)
+                            start=None if start is None else torch.tensor(start),  # a copy: Ray arrays are read-only
+                            extra_potential=potential, device=self.device)
         return part.x.clamp(-1, 1).numpy()
 
 
 def sample_distributed(model, n: int, seed: int, workers: int, batch: int = CHUNK,
-                       flow: Optional[FlowSettings] = None, progress: bool = True) -> np.ndarray:
+                       flow: Optional[FlowSettings] = None, progress: bool = True, *,
+                       guide: Optional[dict] = None, labels: Optional[list[int]] = None,
+                       start: Optional[np.ndarray] = None) -> np.ndarray:
     """N x C x H x W float32 samples from ``model`` (a ``registry.LoadedModel``) on ``workers``
-    Ray actors. Connects to (or starts) Ray with ``ray.init()`` if it is not initialised."""
+    Ray actors. Connects to (or starts) Ray with ``ray.init()`` if it is not initialised.
+
+    With ``guide`` (classifier architecture, weights, phi) and ``labels``: an array
+    (len(labels), N, C, H, W), row i guided towards ``labels[i]``. Every row uses the same
+    chunk seeds, so rows start from the same prior draws and differ by the guidance only.
+    With ``start`` (N x C x H x W): those points are flowed instead of prior draws."""
     import ray
     from tqdm import tqdm
 
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     flow = flow or FlowSettings.from_config(model.config)
-    todo = chunks(n, batch)
+    if start is not None and len(start) != n:
+        raise ValueError(f"n={n} but {len(start)} starting points were given")
+    if start is None and model.prior is None:
+        raise ValueError(f"model {model.name} has no prior to sample from (a translation model): "
+                         f"give the source images to flow (--input)")
+    rows = [None] if labels is None else list(labels)
+    if labels is not None and guide is None:
+        raise ValueError("class labels need a classifier to guide the flow")
+    todo = [(row, index, begin, size) for row in range(len(rows))
+            for index, begin, size in chunks(n, batch)]
     if not ray.is_initialized():
         ray.init()
     use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
     actor_cls = ray.remote(**({"num_gpus": 1} if use_gpu else {"num_cpus": 1}))(_SamplerActor)
     state = {k: v.detach().cpu().numpy() for k, v in model.net.state_dict().items()}
-    state_ref, prior_ref = ray.put(state), ray.put(model.prior.to("cpu"))
+    state_ref = ray.put(state)
+    prior_ref = ray.put(None if model.prior is None else model.prior.to("cpu"))
+    guide_ref = ray.put(guide)
     actors = [actor_cls.remote(model.config.arch, state_ref, prior_ref, model.config.pairing,
-                               flow, use_gpu) for _ in range(min(workers, len(todo)))]
-    out = np.empty((n, *model.net.in_shape), np.float32)
-    pending: dict = {}  # object ref -> (actor, start)
+                               flow, use_gpu, guide_ref) for _ in range(min(workers, len(todo)))]
+    out = np.empty((len(rows), n, *model.net.in_shape), np.float32)
+    pending: dict = {}  # object ref -> (actor, row, begin)
     queue = list(todo)
 
     def submit(actor):
-        index, start, size = queue.pop(0)
-        pending[actor.sample.remote(seed, index, size)] = (actor, start)
+        row, index, begin, size = queue.pop(0)
+        points = None if start is None else np.ascontiguousarray(start[begin:begin + size], np.float32)
+        pending[actor.sample.remote(seed, index, size, rows[row], points)] = (actor, row, begin)
 
     try:
         for _ in range(IN_FLIGHT):
             for actor in actors:
                 if queue:
                     submit(actor)
-        with tqdm(total=n, unit="img", desc=f"sampling ({len(actors)} workers)",
+        with tqdm(total=n * len(rows), unit="img", desc=f"sampling ({len(actors)} workers)",
                   disable=not progress) as bar:
             while pending:
                 (ref,), _ = ray.wait(list(pending), num_returns=1)
-                actor, start = pending.pop(ref)
+                actor, row, begin = pending.pop(ref)
                 x = ray.get(ref)
-                out[start:start + len(x)] = x
+                out[row, begin:begin + len(x)] = x
                 bar.update(len(x))
                 if queue:
                     submit(actor)  # the actor that just finished takes the next chunk
     finally:
         for actor in actors:
             ray.kill(actor)
-    return out
+    return out if labels is not None else out[0]
 
 
 def save_samples(samples: np.ndarray, out_dir: str | Path, grid: int = 64) -> tuple[Path, Path]:

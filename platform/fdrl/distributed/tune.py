@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fdrl.config import TrainConfig
+from fdrl.config import TrainConfig, storage_root
 from fdrl.distributed.sweep_report import (TrialRow, best_row, close_trial_runs, collect_rows,
                                           register_best, write_report)
 from fdrl.core.divergences import PAIRINGS
@@ -123,7 +123,7 @@ def run_sweep(base: TrainConfig, spec: dict[str, Any], *, num_samples: int, metr
         raise ValueError(f"unknown sweep metric {metric!r}; valid: {', '.join(METRICS)}")
     metric_key = METRICS[metric]
     shard_set = open_shard_set(base.data)
-    storage = Path(base.storage).resolve()
+    storage = storage_root(base)
     sweep_dir = storage / name
     sweep_dir.mkdir(parents=True, exist_ok=True)
     if not ray.is_initialized():

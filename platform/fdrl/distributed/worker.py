@@ -13,6 +13,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,11 +24,13 @@ import torch.distributed as dist
 
 from fdrl.distributed.checkpoint import load_checkpoint, save_checkpoint
 from fdrl.config import TrainConfig
+from fdrl.data.source_prior import SourcePrior, check_domains
 from fdrl.data.stream import ShardStream
 from fdrl.data.manifest import open_shard_set
 from fdrl.core.divergences import get_pairing
 from fdrl.data.images import save_grid
 from fdrl.core.networks import build_network
+from fdrl.core.acceleration import compile_network, to_channels_last
 from fdrl.core.priors import model_prior
 from fdrl.core.flow import FlowSettings
 from fdrl.core.sampler import sample
@@ -37,9 +41,12 @@ MARKER_TIMEOUT_S = 300
 GRID_SEED_OFFSET = 12345  # grids draw from their own seed, apart from the training stream
 
 
-def _rank_state(generator: torch.Generator, stream: ShardStream) -> dict:
-    return {"generator": generator.get_state(), "torch": torch.get_rng_state(),
-            "position": dict(stream.position)}
+def _rank_state(generator: torch.Generator, stream: ShardStream, prior) -> dict:
+    state = {"generator": generator.get_state(), "torch": torch.get_rng_state(),
+             "position": dict(stream.position)}
+    if isinstance(prior, SourcePrior):  # translation: the source stream resumes like the data
+        state["prior_position"] = prior.position
+    return state
 
 
 def _gather(obj, world: int) -> list:
@@ -50,7 +57,13 @@ def _gather(obj, world: int) -> list:
     return out
 
 
-def load_run_prior(cfg: TrainConfig, shape):
+def load_run_prior(cfg: TrainConfig, shape, rank: int = 0, world: int = 1,
+                   position: dict | None = None):
+    """The run's prior; for translation, this rank's stream over the source domain's shards."""
+    if cfg.prior == "source":
+        prior = SourcePrior.open(cfg.source, rank, world, cfg.seed, cfg.hflip, position)
+        check_domains(prior.shape, shape)
+        return prior
     return model_prior(cfg.prior, shape, cfg.prior_path or None)
 
 
@@ -61,6 +74,7 @@ def train_loop_per_worker(config: dict) -> None:
     from fdrl.tracking.tracker import Tracker
 
     cfg = TrainConfig.from_dict(config)
+    _quiet_ray_reports()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(cfg.threads)
@@ -68,20 +82,24 @@ def train_loop_per_worker(config: dict) -> None:
     run_dir = Path(cfg.storage) / cfg.run_name
 
     shard_set = open_shard_set(cfg.data)
-    prior = load_run_prior(cfg, shard_set.shape).to(device)
+    prior = None if cfg.prior == "source" else load_run_prior(cfg, shard_set.shape).to(device)
     pairing = get_pairing(cfg.pairing)
     flow = FlowSettings.from_config(cfg)
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     module = build_network(cfg.arch).to(device)
+    if cfg.channels_last:
+        module = to_channels_last(module)
     model = module
     if world > 1:
         ids = [device.index] if device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
     state = make_state(model, cfg.lr, (cfg.beta1, cfg.beta2), cfg.decay_steps, module=module)
+    if cfg.compile:  # after make_state: the EMA is a deep copy of the plain network
+        compile_network(module, device)
     generator = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank)
 
-    position = None
+    position = prior_position = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
@@ -92,10 +110,12 @@ def train_loop_per_worker(config: dict) -> None:
         mine = rank_states[rank]
         generator.set_state(mine["generator"])
         torch.set_rng_state(mine["torch"])
-        position = mine["position"]
-        print(f"[rank {rank}] resumed at step {state.step}, data position {position}")
+        position, prior_position = mine["position"], mine.get("prior_position")
+        _console(f"[rank {rank}] resumed at step {state.step}, data position {position}")
 
     stream = ShardStream(shard_set, rank, world, cfg.seed, cfg.hflip, position)
+    if cfg.prior == "source":
+        prior = load_run_prior(cfg, shard_set.shape, rank, world, prior_position)
     batches = stream.batches(cfg.batch // world)
     tracker = Tracker(cfg.experiment, run_id=cfg.mlflow_run_id or None,
                       tracking_uri=cfg.tracking_uri or None,
@@ -148,7 +168,7 @@ def train_loop_per_worker(config: dict) -> None:
         if final:  # before the last report: Tune may end the trial as soon as it sees it
             _mark(cfg, rank, "finished")
         if step % cfg.checkpoint_every == 0 or final:
-            rank_states = _gather(_rank_state(generator, stream), world)
+            rank_states = _gather(_rank_state(generator, stream, prior), world)
             with tempfile.TemporaryDirectory() as tmp:
                 ckpt = None
                 if rank == 0:
@@ -158,8 +178,31 @@ def train_loop_per_worker(config: dict) -> None:
         else:
             ray.train.report(metrics)
         if rank == 0:
-            print(f"step {step:6d} loss {metrics['loss']:+.4f} log r data {metrics['log_r_data']:+.3f} "
-                  f"flowed {metrics['log_r_flowed']:+.3f} {metrics['images_per_s']:.1f} img/s", flush=True)
+            _console(step_line(step, cfg.steps, metrics))
+
+
+def step_line(step: int, steps: int, metrics: dict) -> str:
+    """The one console line per report: progress, loss, the KL diagnostic, speed and ETA."""
+    eta = (steps - step) * metrics["step_time"]
+    return (f"step {step}/{steps} loss {metrics['loss']:+.4f} log r data {metrics['log_r_data']:+.3f} "
+            f"flowed {metrics['log_r_flowed']:+.3f} {metrics['images_per_s']:.1f} img/s "
+            f"ETA {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}")
+
+
+def _console(line: str) -> None:
+    """Straight to stdout: Ray Train patches ``print`` into a logger, which shows each line twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def _quiet_ray_reports() -> None:
+    """Ray Train logs every report of every rank ("Reporting training result N: ..."); rank 0's
+    step line says what matters."""
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:  # another Ray layout: keep its logging as it is
+        return
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
 
 def _training_fid(cfg: TrainConfig, device, world: int):
@@ -182,6 +225,8 @@ def grid_samples(cfg: TrainConfig, net, prior, pairing, flow, device="cpu"):
 def _sample_grid(cfg, state, prior, pairing, flow, device, run_dir, rank):
     if rank != 0:
         return None
+    if cfg.prior == "source":  # the same source images every time, apart from the training stream
+        prior = SourcePrior.open(cfg.source, 0, 1, cfg.seed + GRID_SEED_OFFSET)
     x = grid_samples(cfg, state.ema, prior, pairing, flow, device)
     return save_grid(x, run_dir / "samples" / f"step_{state.step:07d}.png")
 

@@ -64,7 +64,7 @@ class TamperedArtifactError(RuntimeError):
 @dataclass
 class LoadedModel:
     net: nn.Module  # the EMA ratio network, eval mode, no parameter gradients
-    prior: Prior
+    prior: Optional[Prior]  # None for translation: its prior is the source images given
     config: TrainConfig
     pairing: Pairing
     flow: FlowSettings  # K, kappa, eta, nu of the training config
@@ -81,6 +81,8 @@ def build_model(weights: dict[str, torch.Tensor], prior_path: Optional[str | Pat
     net = build_network(cfg.arch)
     net.load_state_dict(weights)
     net.eval().requires_grad_(False)  # the flow needs input gradients only
+    if cfg.prior == "source":  # translation: sampling flows given source images
+        return net, None, cfg
     return net, model_prior(cfg.prior, net.in_shape, prior_path), cfg
 
 
@@ -149,7 +151,7 @@ def log_fdrl_model(run_id: str, checkpoint_dir: str | Path, prior_path: Optional
         if prior_path:
             files["prior"] = stage / PRIOR
             shutil.copyfile(prior_path, files["prior"])
-        elif cfg.prior not in ("uniform", "gaussian"):
+        elif cfg.prior not in ("uniform", "gaussian", "source"):
             raise ValueError(f"prior {cfg.prior!r} is fitted: pass its .safetensors file")
         # Fail here, before anything is registered, if weights, prior and config do not fit.
         net, _, _ = build_model_from_files(files["weights"], files.get("prior"), files["config"])
