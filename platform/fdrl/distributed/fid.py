@@ -26,6 +26,7 @@ from fdrl.core.sampler import CHUNK, chunks
 from fdrl.eval.fid import KID_KEEP, FeatureStats, default_cache_dir, fid_kid, reference_key
 
 IN_FLIGHT = 2  # items queued per actor
+ITEM_IMAGES = 4 * CHUNK  # real images per work item (an item re-reads its shard up to its start)
 
 
 class _FeatureActor:
@@ -142,9 +143,10 @@ def _shard_items(shard_dir: str | os.PathLike, limit: Optional[int], start: int 
     items, sizes, offset = [], [], 0
     for name, count in zip(shard_set.shards, shard_set.counts):
         lo, hi = max(start, offset), min(end, offset + count)
-        if hi > lo:
-            items.append((str(shard_set.root), name, lo - offset, hi - lo))
-            sizes.append(hi - lo)
+        for piece in range(lo, hi, ITEM_IMAGES):  # pieces, so few big shards still spread out
+            take = min(ITEM_IMAGES, hi - piece)
+            items.append((str(shard_set.root), name, piece - offset, take))
+            sizes.append(take)
         offset += count
     return items, sizes
 
