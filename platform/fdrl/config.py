@@ -81,6 +81,13 @@ class TrainConfig:
     eval_every: int = 0  # steps between domain-feature KID evaluations, at report steps (0: off)
     eval_samples: int = 256  # EMA samples and real images per KID evaluation
     eval_classifier: str = ""  # feature classifier: a folder or models:/NAME@ALIAS
+    # Standard FID of EMA samples (fdrl.eval.training_fid), computed by rank 0 and logged as
+    # metric "fid". Off here, so library and test configs stay fast; the jobs' presets turn it on.
+    fid: bool = False  # FID at the end of the run (and every fid_every steps)
+    fid_every: int = 0  # steps between FIDs, at report steps (0: only at the end)
+    fid_samples: int = 256  # EMA samples, and real images in the reference: FID-N, not FID-50k
+    fid_weights: str = ""  # Inception weights file; empty: $FDRL_FID_WEIGHTS or the pinned packaged one
+    fid_reference: str = ""  # set by the launcher: the cached reference statistics file
 
     def __post_init__(self):
         if isinstance(self.gpu, bool):  # configs written before --gpu auto stored a bool
