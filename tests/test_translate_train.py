@@ -52,7 +52,7 @@ def test_translation_trains_resumes_exactly_and_registers(ray_cluster, domains, 
     # Every rank's source-stream position is in the checkpoint.
     state = torch.load(Path(resumed.checkpoint) / "state.pt", weights_only=True)
     positions = [s["prior_position"] for s in state["rank_states"]]
-    assert len(positions) == 2 and all(p["epoch"] == 0 and p["offset"] > 0 for p in positions)
+    assert positions == [{"epoch": 0, "index": 16}] * 2  # 4 steps x 4 source images per rank
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     version = client.get_model_version_by_alias("fdrl-digits-to-mnist", "candidate")
     assert version.tags["fdrl.prior"] == "source"

@@ -50,3 +50,9 @@ def vae_loss(encoder, decoder, x: torch.Tensor, generator: torch.Generator) -> t
     rec = 0.5 * (recon - x).pow(2).flatten(1).sum(1)
     kl = 0.5 * (mean.pow(2) + log_var.exp() - 1 - log_var).sum(1)
     return (rec + kl).mean()
+
+
+def corrector_loss(logit, positives: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
+    """Logistic loss with ``positives`` (data, or the reference GAN's samples) as class 1: its
+    optimum is logit = log(p_pos / p_neg), so exp(-logit) reads as the ratio negatives/positives."""
+    return -F.logsigmoid(logit(positives)).mean() - F.logsigmoid(-logit(negatives)).mean()

@@ -136,7 +136,7 @@ def gan_loop_per_worker(config: dict) -> None:
             loss.backward()
             _average_grads(opt.param_groups[0]["params"], world)
             opt.step()
-            metrics = {"loss": float(loss)}
+            metrics = {"loss": loss.item()}
         else:
             for _ in range(cfg.critic_steps):
                 with torch.no_grad():
@@ -151,7 +151,7 @@ def gan_loop_per_worker(config: dict) -> None:
             g_loss.backward()
             _average_grads(g.parameters(), world)
             opt_g.step()
-            metrics = {"critic_loss": float(d_loss), "generator_loss": float(g_loss)}
+            metrics = {"critic_loss": d_loss.item(), "generator_loss": g_loss.item()}
         if step % cfg.log_every == 0 or step == cfg.steps:
             metrics["seconds"] = time.perf_counter() - start
             tracker.log_metrics(metrics, step)

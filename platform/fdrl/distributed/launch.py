@@ -184,14 +184,15 @@ def _check_writable(storage: Path) -> None:
 
 
 def choose_gpu(setting: str, cluster_gpus: float) -> bool:
-    """--gpu auto|on|off against the GPUs the Ray cluster has now."""
+    """--gpu auto|on|off|wait against the GPUs the Ray cluster has now."""
     if setting == "off":
         return False
+    if setting == "wait":  # the autoscaler adds GPU nodes when the workers ask for them
+        return True
     if setting == "on" and cluster_gpus < 1:
         raise ValueError(
-            "--gpu on, but the Ray cluster has no GPUs: run with --gpu auto or --gpu off, or "
-            "add GPU nodes first (a cluster that starts them on demand: keep one up, cluster.yaml "
-            "min_workers: 1)")
+            "--gpu on, but the Ray cluster has no GPUs: run with --gpu auto or --gpu off, or, "
+            "on a cluster that starts GPU nodes on demand (cluster.yaml), with --gpu wait")
     return cluster_gpus >= 1
 
 

@@ -48,11 +48,11 @@ def _refine_share(plain: dict, settings: RefineSettings, n: int, seed: int, indi
     return _run(model, settings, n, seed, indices, start, k_eff, use_corrector)
 
 
-def _run(model, settings, n, seed, indices, start, k_eff, use_corrector) -> Refined:
+def _run(model, settings, n, seed, indices, start, k_eff, use_corrector, chunk=CHUNK) -> Refined:
     return refine(settings, model.logit(use_corrector), n, seed, generator=model.generator,
                   latent_dim=model.latent_dim, data_shape=model.data_shape,
                   start=None if start is None else torch.from_numpy(np.asarray(start)).float(),
-                  k_eff=k_eff, indices=indices)
+                  k_eff=k_eff, indices=indices, chunk=chunk)
 
 
 def dot_k_eff(model, use_corrector: bool = True, start: Optional[np.ndarray] = None) -> float:
@@ -68,10 +68,14 @@ def dot_k_eff(model, use_corrector: bool = True, start: Optional[np.ndarray] = N
 
 def refine_model(model, settings: RefineSettings, n: int, seed: int = 0, workers: int = 0,
                  start: Optional[np.ndarray] = None, use_corrector: bool = True,
-                 auto: bool = False, max_steps: int = 500, tol: float = 1e-3) -> RefineRun:
+                 auto: bool = False, max_steps: int = 500, tol: float = 1e-3,
+                 chunk: int = CHUNK) -> RefineRun:
     """Refine ``n`` samples of a ``GeneratorModel`` (or the given ``start`` samples, data space).
     ``auto``: a pilot run of up to ``max_steps`` on the first chunks picks the step count at
-    which the mean log-ratio estimate stops improving by ``tol`` (``core.dgflow.auto_steps``)."""
+    which the mean log-ratio estimate stops improving by ``tol`` (``core.dgflow.auto_steps``).
+    ``chunk`` (in this process only) changes the seeding unit: benchmarks use one big chunk for speed."""
+    if chunk != CHUNK and workers > 0:
+        raise ValueError("Ray workers split the standard chunks; a custom chunk runs with workers=0")
     if start is not None:
         n = len(start)
     if n is None or n < 1:
@@ -82,12 +86,12 @@ def refine_model(model, settings: RefineSettings, n: int, seed: int = 0, workers
         pilot_settings = RefineSettings(**{**settings.__dict__, "steps": max_steps})
         pilot_n = min(n, PILOT)
         pilot = _run(model, pilot_settings, pilot_n, seed, None,
-                     None if start is None else start[:pilot_n], k_eff, use_corrector)
+                     None if start is None else start[:pilot_n], k_eff, use_corrector, chunk)
         pilot_curve = pilot.log_r.tolist()
         settings = RefineSettings(**{**settings.__dict__, "steps": auto_steps(pilot_curve, tol)})
     todo = chunks(n, CHUNK)
     if workers <= 0:
-        result = _run(model, settings, n, seed, None, start, k_eff, use_corrector)
+        result = _run(model, settings, n, seed, None, start, k_eff, use_corrector, chunk)
         return RefineRun(result, settings, k_eff, pilot_curve)
 
     import ray

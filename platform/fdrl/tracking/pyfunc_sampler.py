@@ -33,6 +33,9 @@ class FDRLSampler(PythonModel):
         from fdrl.core.flow import FlowSettings
         from fdrl.core.sampler import CHUNK, sample
 
+        if self.prior is None:  # a translation model: its prior is the source images
+            raise ValueError("a translation model samples only from given source images: "
+                             "use jobs/sample.py --input")
         params = dict(params or {})
         chunk = int(params.pop("batch", None) or CHUNK)
         flow = FlowSettings.from_config(self.config, **params)
