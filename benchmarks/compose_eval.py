@@ -46,9 +46,9 @@ def conditional(args) -> dict:
     evaluator = load_classifier(args.evaluator, args.tracking_uri)
     real, real_labels, _ = load_labeled(args.data)
     results = {}
-    for spec in args.guide:
-        name, uri = spec.split("=", 1)
-        for phi in args.phi:
+    for phi in args.phi:  # phi-major: the first phi given is measured for every guide first
+        for spec in args.guide:
+            name, uri = spec.split("=", 1)
             key = f"{name} phi={phi}"
             out = args.out / f"{name}_phi{phi}"
             summary = conditional_to_dir(args.model, uri, "all", args.n, out, phi=phi,

@@ -4,7 +4,8 @@
     python benchmarks/dgflow_2d_table.py --tracking-uri sqlite:///runs/table/mlflow.db \\
         --models gan-{dataset}-s{seed}@candidate --seeds 0 1 2 --out runs/table
 
-Each (dataset, seed) uses its own generator (trained with jobs/train_gan.py --seed S) and refines
+Runs can be split (e.g. one process per dataset and seed) and merged with --aggregate, which
+reads every OUT/results-*.json. Each (dataset, seed) uses its own generator (trained with jobs/train_gan.py --seed S) and refines
 --n samples with refinement seed S, as one chunk (seeded like chunk 0: the same arrays as
 ``jobs/refine.py --seed S`` for n <= 64; larger n differ only in which draws feed which sample). Writes OUT/table.md, OUT/results.json and, for the first seed,
 OUT/scatter-<dataset>-<row>.png (base left, refined right, data in grey).
@@ -36,10 +37,20 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--models", default="gan-{dataset}-s{seed}@candidate")
     p.add_argument("--n", type=int, default=5000)
-    p.add_argument("--tracking-uri", required=True)
+    p.add_argument("--tracking-uri", default=None)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--aggregate", action="store_true", help="only merge OUT/results-*.json into OUT/table.md")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.aggregate:
+        merged = {}
+        for path in sorted(args.out.glob("results-*.json")):
+            for dataset, rows in json.loads(path.read_text()).items():
+                for row, ms in rows.items():
+                    merged.setdefault(dataset, {}).setdefault(row, []).extend(ms)
+        (args.out / "table.md").write_text(table(merged))
+        print(table(merged))
+        return
 
     results = {}
     for dataset in args.datasets:
@@ -49,7 +60,8 @@ def main(argv=None):
             real = make_toy(dataset, args.n, 10_000 + seed)
             for row, spec in ROWS:
                 start = time.perf_counter()
-                s = paper_settings(**(spec or dict(method="dgflow")))
+                # the base row needs only the base samples (the same latents for every row)
+                s = paper_settings(**(spec or dict(method="dgflow", steps=1)))
                 run = refine_model(model, s, args.n, seed, chunk=args.n)
                 x = run.result.base.numpy() if spec is None else run.result.refined.numpy()
                 m = toy_metrics(dataset, x, real)
@@ -57,12 +69,13 @@ def main(argv=None):
                 m["log_ratio_start"], m["log_ratio_end"] = float(run.result.log_r[0]), float(run.result.log_r[-1])
                 results.setdefault(dataset, {}).setdefault(row, []).append(m)
                 print(dataset, seed, row, json.dumps({k: round(v, 3) for k, v in m.items()}), flush=True)
-                if seed == args.seeds[0]:
+                if seed == 0:
                     slug = row.split(" (base)")[0].replace(" (gamma ", "-g").replace(")", "").replace(" ", "")
                     plot_2d(run.result.base.numpy(), x, args.out / f"scatter-{dataset}-{slug}.png",
                             row, dataset)
-            (args.out / "results.json").write_text(json.dumps(results, indent=1))
-    (args.out / "table.md").write_text(table(results))
+                m["seed"] = seed
+            name = f"results-{'-'.join(args.datasets)}-s{'-'.join(map(str, args.seeds))}.json"
+            (args.out / name).write_text(json.dumps(results, indent=1))
     print(table(results))
 
 

@@ -50,7 +50,7 @@ def test_adversarial_training_learns_and_is_seeded():
     assert torch.equal(first.model(x[:8]), run().model(x[:8]))
 
 
-def test_registered_with_alias_and_hash_checked(tmp_path):
+def test_registered_with_alias_and_hash_checked(tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     from fdrl.tracking.registry import ModelNotFoundError, TamperedArtifactError
@@ -66,6 +66,8 @@ def test_registered_with_alias_and_hash_checked(tmp_path):
         "sha256/classifier/config.json", "sha256/classifier/model.safetensors"]
     loaded = load_classifier("models:/classifier-blobs@candidate", tracking_uri=uri)
     assert torch.equal(loaded(x[:4]), result.model(x[:4]))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # no tracking_uri: the platform's default
+    assert torch.equal(load_classifier("models:/classifier-blobs@candidate")(x[:4]), result.model(x[:4]))
     with pytest.raises(ModelNotFoundError, match="has no alias 'champion'"):
         load_classifier("models:/classifier-blobs@champion", tracking_uri=uri)
 

@@ -132,6 +132,8 @@ def train_loop_per_worker(config: dict) -> None:
         evaluator = DomainKID(cfg.eval_classifier, shard_set, cfg.eval_samples, cfg.seed, device,
                               cfg.tracking_uri or None)
     last_kid = None
+    fid_eval = _training_fid(cfg, device, world) if rank == 0 else None
+    last_fid = None
 
     _mark(cfg, rank, "started")
     window_start, window_steps, window_wait = time.perf_counter(), 0, batches.wait_s
@@ -157,6 +159,11 @@ def train_loop_per_worker(config: dict) -> None:
             last_kid = evaluator(state.ema, prior, pairing, flow)
         if last_kid is not None:
             metrics["kid"] = last_kid  # every report carries it, for ASHA
+        if fid_eval is not None and fid_eval.due(step, final, last_fid is not None):
+            last_fid = fid_eval(state.ema, prior, pairing, flow)
+            metrics["fid_seconds"] = fid_eval.seconds
+        if last_fid is not None:
+            metrics["fid"] = last_fid
         tracker.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step)
 
         if step % cfg.sample_every == 0 or final:
@@ -202,6 +209,17 @@ def _quiet_ray_reports() -> None:
     except ImportError:  # another Ray layout: keep its logging as it is
         return
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
+def _training_fid(cfg: TrainConfig, device, world: int):
+    if not cfg.fid:
+        return None
+    from fdrl.eval.training_fid import TrainingFID
+
+    # On CPU rank 0 borrows the other ranks' threads: they wait at the next collective meanwhile.
+    threads = cfg.threads * world if device.type == "cpu" else 0
+    return TrainingFID(cfg.data, cfg.fid_samples, cfg.seed, cfg.fid_every, device,
+                       cfg.fid_weights, cfg.fid_reference, threads)
 
 
 def grid_samples(cfg: TrainConfig, net, prior, pairing, flow, device="cpu"):

@@ -273,6 +273,9 @@ def _download(uri: str, tracking_uri: Optional[str], dst: str) -> tuple[Path, Op
     ``models:/`` URI, a name for messages)."""
     from mlflow.tracking import MlflowClient
 
+    from fdrl.tracking.tracker import default_tracking_uri
+
+    tracking_uri = tracking_uri or default_tracking_uri()  # the platform's default, as for models
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     hashes, ref = None, uri
     if uri.startswith("models:/"):
