@@ -3,7 +3,9 @@ batch 8 per worker, K = 5, one torch thread per worker, 1 vs 2 Ray Train workers
 
 Prints images/s and step time for each worker count (median over the log windows after the
 first, which holds start-up) and the weak-scaling efficiency = rate(2) / (2 * rate(1)).
-Usage: python benchmarks/scaling.py [--steps 24]"""
+Also prints the median time per step each run waited for data (``data_wait_s``, rank 0).
+Speed flags pass through: --precision bf16 --channels-last --prefetch 2 (docs/performance.md).
+Usage: python benchmarks/scaling.py [--steps 24] [--precision bf16 --channels-last --prefetch 2]"""
 
 import argparse
 import statistics
@@ -33,6 +35,10 @@ def main():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--steps", type=int, default=24)
     p.add_argument("--log-every", type=int, default=4)
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--prefetch", type=int, default=0, help="batches read ahead per worker")
+    p.add_argument("--flow-steps", type=int, default=5)
     args = p.parse_args()
 
     import ray
@@ -49,7 +55,8 @@ def main():
     for workers in (1, 2):
         cfg = TrainConfig(data=str(shards), dataset="synthetic", arch="cifar10", prior="uniform",
                           steps=args.steps, batch=8 * workers, workers=workers, threads=1,
-                          flow_steps=5, extra_steps=0, grid_size=1, log_every=args.log_every,
+                          flow_steps=args.flow_steps, extra_steps=0, precision=args.precision,
+                          channels_last=args.channels_last, prefetch=args.prefetch, grid_size=1, log_every=args.log_every,
                           checkpoint_every=10**9, sample_every=10**9, storage=str(tmp / "runs"),
                           tracking_uri=uri, run_name=f"w{workers}")
         result = run_training(cfg)
@@ -57,12 +64,13 @@ def main():
         run_id = result.mlflow_run_id
         rate = [m.value for m in client.get_metric_history(run_id, "images_per_s")][1:]
         step_time = [m.value for m in client.get_metric_history(run_id, "step_time")][1:]
-        rows[workers] = (statistics.median(rate), statistics.median(step_time))
+        wait = [m.value for m in client.get_metric_history(run_id, "data_wait_s")][1:]
+        rows[workers] = (statistics.median(rate), statistics.median(step_time), statistics.median(wait))
     ray.shutdown()
-    print("\n| workers | global batch | images/s | step time (s) |")
-    print("|---|---|---|---|")
-    for w, (rate, st) in rows.items():
-        print(f"| {w} | {8 * w} | {rate:.2f} | {st:.3f} |")
+    print("\n| workers | global batch | images/s | step time (s) | data wait per step (s) |")
+    print("|---|---|---|---|---|")
+    for w, (rate, st, wait) in rows.items():
+        print(f"| {w} | {8 * w} | {rate:.2f} | {st:.3f} | {wait:.4f} |")
     eff = rows[2][0] / (2 * rows[1][0])
     print(f"\nweak-scaling efficiency (rate(2) / 2 rate(1)): {eff:.2f}")
 

@@ -33,6 +33,9 @@ PRESET = TrainConfig(
     log_every=50,
     checkpoint_every=2000,  # ~24 TFLOP per step, the slowest preset: checkpoint more often
     sample_every=2000,
+    fid=True,  # standard FID-2000 of EMA samples every fid_every steps and at the end
+    fid_samples=2000,
+    fid_every=10_000,
 )
 
 if __name__ == "__main__":

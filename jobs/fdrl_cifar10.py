@@ -32,6 +32,9 @@ PRESET = TrainConfig(
     log_every=50,
     checkpoint_every=5000,
     sample_every=5000,
+    fid=True,  # standard FID-2000 of EMA samples every fid_every steps and at the end
+    fid_samples=2000,
+    fid_every=10_000,
 )
 
 if __name__ == "__main__":

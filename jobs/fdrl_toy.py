@@ -19,6 +19,7 @@ import torch
 
 from fdrl.core.divergences import PAIRINGS, get_pairing
 from fdrl.core.networks import build_network
+from fdrl.core.precision import PRECISIONS
 from fdrl.core.priors import make_simple_prior
 from fdrl.data.toy import DATASETS, make_toy, toy_metrics
 from fdrl.core.flow import FlowSettings
@@ -44,6 +45,8 @@ def parse_args(argv=None):
     p.add_argument("--nu", type=float, default=1e-2, help="flow noise scale")
     p.add_argument("--ema", type=float, default=0.998, help="EMA decay m")
     p.add_argument("--n-samples", type=int, default=5000, help="samples drawn for the metrics")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="network arithmetic: fp32, or bf16 autocast (fdrl/core/precision.py)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     return p.parse_args(argv)
 
@@ -66,7 +69,7 @@ def main(argv=None):
     args = parse_args(argv)
     pairing = get_pairing(args.pairing)
     try:
-        flow = FlowSettings(args.flow_steps, args.extra_steps, args.eta, args.nu)
+        flow = FlowSettings(args.flow_steps, args.extra_steps, args.eta, args.nu, args.precision)
     except ValueError as err:
         sys.exit(f"error: {err}")
     if args.steps < 1:

@@ -43,6 +43,7 @@ PRESET = TrainConfig(
     log_every=20,
     checkpoint_every=200,
     sample_every=200,
+    fid=True,  # standard FID-256 at the end: the quality metric for data without labels
 )
 
 if __name__ == "__main__":

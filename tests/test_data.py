@@ -6,6 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
 from fdrl.data.stream import ShardStream, epoch_plan
@@ -15,7 +16,9 @@ from fdrl.data.manifest import open_shard_set
 
 def _png(value: int) -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(np.full((8, 8), value, np.uint8), "L").save(buf, format="PNG")
+    pixels = np.full((8, 8), value, np.uint8)
+    pixels[:, 0] = 255 - value  # not mirror-symmetric, so a flip shows
+    Image.fromarray(pixels, "L").save(buf, format="PNG")
     return buf.getvalue()
 
 
@@ -123,3 +126,23 @@ def test_more_workers_than_samples_is_refused(tmp_path):
         ShardStream(shard_set, 0, 3, seed=0)
     with pytest.raises(ValueError, match="older stream format"):
         ShardStream(shard_set, 0, 1, seed=0, position={"epoch": 0, "shard": 0, "offset": 1})
+
+
+def test_hflip_mirrors_some_samples_the_same_way_every_time(tmp_path):
+    root = tmp_path / "s"
+    _write_set(root, n_shards=2, per_shard=16)
+    shard_set = open_shard_set(root)
+    plain = {k: img for img, k in _take(ShardStream(shard_set, 0, 1, seed=4), 32)}
+    flipped = _take(ShardStream(shard_set, 0, 1, seed=4, hflip=True), 32)
+    again = _take(ShardStream(shard_set, 0, 1, seed=4, hflip=True), 32)
+    assert [k for _, k in flipped] == [k for _, k in again]
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(flipped, again))
+    mirrored = [not torch.equal(img, plain[k]) for img, k in flipped]
+    for (img, k), m in zip(flipped, mirrored):
+        assert torch.equal(img, plain[k].flip(-1) if m else plain[k])
+    assert 4 <= sum(mirrored) <= 28  # about half, by a per-(seed, epoch, key) coin
+
+
+def _take(stream: ShardStream, n: int) -> list:
+    it = stream.samples()
+    return [next(it) for _ in range(n)]

@@ -58,7 +58,8 @@ def test_evaluate_logs_stage_metrics_curve_and_promotes(setup):
     tmp, uri, clf = setup
     out = tmp / "eval"
     stdout = _run("evaluate.py", "--model", "models:/tiny@candidate", "--classifier", clf, "--n", 100,
-                  "--out", out, "--tracking-uri", uri, "--promote-if-better", "fd")
+                  "--out", out, "--tracking-uri", uri, "--promote-if-better", "fd",
+                  "--no-fid")  # standard FID: tests/test_fid_evaluate.py
     assert "real vs real" in stdout and "promoted to champion" in stdout
     result = json.loads((out / "metrics.json").read_text())
     assert set(result["stages"]) == {"prior", "K", "K+kappa", "real (baseline)"}

@@ -77,3 +77,18 @@ def test_sample_features_follow_the_core_sampler(ray_cluster, local):
                                    workers=2, progress=False)
     x = sample(net, get_pairing("lsif-chi2"), flow, 3, 5, prior=prior).x.clamp(-1, 1)
     _same(got, FeatureStats.empty().update(extractor(x)))
+
+
+def test_shard_items_cover_the_range_in_pieces(tmp_path):
+    from fdrl.data.writer import convert
+    from fdrl.distributed import fid as dfid
+
+    convert("mnist", None, tmp_path / "m", shard_size=300, limit=700, progress=False)
+    items, sizes = dfid._shard_items(tmp_path / "m", limit=500, start=100)
+    assert sum(sizes) == 500 and all(s <= dfid.ITEM_IMAGES for s in sizes)
+    # (shard, skip, take) pieces tile images 100 .. 600 of the manifest order exactly once
+    counts = {"mnist-000000.tar": 0, "mnist-000001.tar": 300, "mnist-000002.tar": 600}
+    covered = [counts[name] + skip + i for _, name, skip, take in items for i in range(take)]
+    assert covered == list(range(100, 600))
+    with pytest.raises(ValueError, match="none from index 700"):
+        dfid._shard_items(tmp_path / "m", limit=5, start=700)

@@ -148,6 +148,7 @@ def test_unwritable_storage_is_refused(shards, tmp_path):
 def test_gpu_choice():
     assert choose_gpu("auto", 0) is False and choose_gpu("auto", 2) is True
     assert choose_gpu("off", 4) is False and choose_gpu("on", 1) is True
+    assert choose_gpu("wait", 0) is True  # the autoscaler's job to add them
     with pytest.raises(ValueError, match="--gpu on, but the Ray cluster has no GPUs"):
         choose_gpu("on", 0)
 

@@ -76,7 +76,8 @@ def test_generic_job_trains_one_shard_on_two_workers_and_prints_each_step_once(t
         [sys.executable, str(job), "--data", str(tmp_path / "digits"), "--workers", "2",
          "--steps", "4", "--batch", "8", "--log-every", "1", "--checkpoint-every", "2",
          "--sample-every", "4", "--grid-size", "4", "--flow-steps", "2", "--extra-steps", "1",
-         "--decay-steps", "3", "--no-register", "--run-name", "once"],
+         "--decay-steps", "3", "--no-register", "--run-name", "once",
+         "--no-fid"],  # the job's end-of-run FID: tests/test_fid_training.py
         env=env, capture_output=True, text=True, timeout=800)
     text = out.stdout + out.stderr
     assert out.returncode == 0, text[-4000:]

@@ -1,6 +1,7 @@
 """bf16 autocast and the maths-preserving fast paths of the flow (frozen weights, cached spectral
 norm, in-place buffers, channels_last) against the plain fp32 computation."""
 
+import contextlib
 import copy
 
 import pytest
@@ -105,3 +106,13 @@ def test_unknown_precision_is_named():
         FlowSettings(1, 0, 1.0, 0.0, "fp16")
     with pytest.raises(ValueError, match="unknown precision"):
         flow(_net("mlp"), torch.randn(2, 2), get_pairing("lr-kl"), 1, 1.0, 0.0, precision="half")
+
+
+def test_the_gpu_path_uses_the_same_autocast():
+    """On a CUDA device the same function gives CUDA bf16 autocast (no GPU here: only its type)."""
+    from fdrl.core.precision import autocast
+
+    with pytest.warns(UserWarning) if not torch.cuda.is_available() else contextlib.nullcontext():
+        ctx = autocast("bf16", "cuda:0")
+    assert isinstance(ctx, torch.autocast) and ctx.device == "cuda" and ctx.fast_dtype == torch.bfloat16
+    assert not isinstance(autocast("fp32", "cuda:0"), torch.autocast)

@@ -120,6 +120,20 @@ def test_bad_inputs_get_named_errors(ray_cluster, shards, workdir):
         run_training(tiny(shards, workdir, pairing="chi3"))
 
 
+def test_resume_with_prefetch_matches_the_straight_run(straight, shards, workdir):
+    """Prefetching changes no batch, and checkpoints keep the consumer's position rather than the
+    read-ahead thread's: a split run with prefetch on ends where the straight inline run ended."""
+    from fdrl.distributed.launch import run_training
+
+    run_training(tiny(shards, workdir, run_name="split-prefetch", steps=2, prefetch=3))
+    resumed = run_training(tiny(shards, workdir, run_name="split-prefetch", steps=4, resume=True,
+                                prefetch=3))
+    _assert_identical(_final_tensors(straight), _final_tensors(resumed))
+    client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+    waits = client.get_metric_history(resumed.mlflow_run_id, "data_wait_s")
+    assert sorted(m.step for m in waits) == [1, 2, 3, 4] and all(m.value >= 0 for m in waits)
+
+
 def test_gpu_auto_picks_cpu_and_gpu_on_fails_on_the_driver(straight, shards, workdir):
     from fdrl.distributed.launch import run_training
 
@@ -127,3 +141,19 @@ def test_gpu_auto_picks_cpu_and_gpu_on_fails_on_the_driver(straight, shards, wor
     with pytest.raises(ValueError, match="--gpu on, but the Ray cluster has no GPUs"):
         run_training(tiny(shards, workdir, run_name="gpu-on", gpu="on"))
     assert not (workdir / "runs" / "gpu-on").exists()  # refused before the run started
+
+
+def test_fast_path_trains_under_ddp(ray_cluster, shards, workdir):
+    """bf16 autocast, channels_last weights and prefetching through DDP over gloo: the run ends
+    with finite losses and a checkpoint whose weights load into a plain fp32 network."""
+    from fdrl.core.networks import build_network
+    from fdrl.distributed.launch import run_training
+
+    result = run_training(tiny(shards, workdir, run_name="fast", steps=2, precision="bf16",
+                               channels_last=True, prefetch=2))
+    client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+    losses = client.get_metric_history(result.mlflow_run_id, "loss")
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(m.value)) for m in losses)
+    weights = load_file(str(Path(result.checkpoint.path) / "ema.safetensors"))
+    assert all(t.dtype == torch.float32 for t in weights.values())
+    build_network("mnist32").load_state_dict(weights)

@@ -16,8 +16,8 @@ from typing import Any
 
 # Set by the launcher, sweeps or tests through the config object; never command-line flags.
 INTERNAL_FIELDS = frozenset({"mlflow_run_id", "mlflow_parent_run_id", "fail_at_step", "marker_dir",
-                             "marker_wait"})
-GPU_CHOICES = ("auto", "on", "off")
+                             "marker_wait", "fid_reference"})
+GPU_CHOICES = ("auto", "on", "off", "wait")
 
 
 @dataclass
@@ -25,7 +25,7 @@ class TrainConfig:
     # data
     data: str = ""  # shard directory with manifest.parquet (made by datasets/prepare.py)
     dataset: str = ""  # name of runs (<dataset>-<time>) and of the model (fdrl-<dataset>); empty: the data folder's name
-    hflip: bool = True  # random horizontal flip
+    hflip: bool = True  # random horizontal flip (turn off for images that are not mirror-symmetric: digits, text)
     dequant: float = 0.03  # std of the dequantisation noise added to data (pixels in [-1, 1])
     # model and method
     arch: str = "cifar10"  # network: a paper preset (cifar10, celeba64, church128, cat2dog64, mnist32), or auto: built for the data's shape
@@ -56,7 +56,7 @@ class TrainConfig:
     prefetch: int = 0  # batches decoded ahead on a background thread per worker (0: inline)
     # platform
     workers: int = 2  # Ray Train workers (one GPU each on GPUs)
-    gpu: str = "auto"  # auto: GPUs (NCCL) when the cluster has them, else CPUs (gloo); on: require GPUs; off: CPUs
+    gpu: str = "auto"  # auto: GPUs (NCCL) when the cluster has them now, else CPUs (gloo); on: require GPUs now; wait: ask for GPUs and wait for the autoscaler to add them; off: CPUs
     threads: int = 1  # torch threads per CPU worker
     worker_cpus: float = 0.0  # CPUs each CPU worker reserves (0: threads); sweeps leave room for trial drivers
     seed: int = 0  # seeds weights, data order, prior draws and grids
@@ -81,6 +81,13 @@ class TrainConfig:
     eval_every: int = 0  # steps between domain-feature KID evaluations, at report steps (0: off)
     eval_samples: int = 256  # EMA samples and real images per KID evaluation
     eval_classifier: str = ""  # feature classifier: a folder or models:/NAME@ALIAS
+    # Standard FID of EMA samples (fdrl.eval.training_fid), computed by rank 0 and logged as
+    # metric "fid". Off here, so library and test configs stay fast; the jobs' presets turn it on.
+    fid: bool = False  # FID at the end of the run (and every fid_every steps)
+    fid_every: int = 0  # steps between FIDs, at report steps (0: only at the end)
+    fid_samples: int = 256  # EMA samples, and real images in the reference: FID-N, not FID-50k
+    fid_weights: str = ""  # Inception weights file; empty: $FDRL_FID_WEIGHTS or the pinned packaged one
+    fid_reference: str = ""  # set by the launcher: the cached reference statistics file
 
     def __post_init__(self):
         if isinstance(self.gpu, bool):  # configs written before --gpu auto stored a bool

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -25,6 +26,7 @@ from fdrl.core.sampler import CHUNK, chunks
 from fdrl.eval.fid import KID_KEEP, FeatureStats, default_cache_dir, fid_kid, reference_key
 
 IN_FLIGHT = 2  # items queued per actor
+ITEM_IMAGES = 4 * CHUNK  # real images per work item (an item re-reads its shard up to its start)
 
 
 class _FeatureActor:
@@ -46,39 +48,52 @@ class _FeatureActor:
         self.model = (net.to(self.device).eval().requires_grad_(False), prior.to(self.device),
                       get_pairing(pairing_name), flow)
 
-    def shard(self, root: str, name: str, limit: int) -> np.ndarray:
+    def shard(self, root: str, name: str, skip: int, take: int) -> np.ndarray:
+        """Features of samples skip .. skip + take of one shard (in shard order)."""
         from fdrl.data.manifest import open_shard_set
         from fdrl.data.stream import StreamStats, iter_samples
 
         out, buf, seen = [], [], 0
         for _, _, image in iter_samples(open_shard_set(root), StreamStats(), [name]):
-            buf.append(image)
             seen += 1
-            if len(buf) == CHUNK or seen == limit:
+            if seen <= skip:
+                continue
+            buf.append(image)
+            if len(buf) == CHUNK or seen == skip + take:
                 out.append(self.features(torch.stack(buf)))
                 buf = []
-            if seen == limit:
+            if seen == skip + take:
                 break
         if buf:
             out.append(self.features(torch.stack(buf)))
         return torch.cat(out).numpy() if out else np.empty((0, 2048), np.float32)
 
-    def chunk(self, seed: int, index: int, size: int) -> np.ndarray:
+    def chunk(self, seed: int, index: int, size: int, steps: Optional[int]) -> np.ndarray:
         from fdrl.core.sampler import sample_chunk
 
         net, prior, pairing, flow = self.model
-        x = sample_chunk(net, pairing, flow, seed, index, size, prior=prior, device=self.device).x
+        x = sample_chunk(net, pairing, flow, seed, index, size, prior=prior, steps=steps,
+                         device=self.device).x
         return self.features(x.clamp(-1, 1)).numpy()
 
 
-def _actors(workers: int, n_items: int, weights: Optional[str]):
+@contextmanager
+def feature_actors(workers: int, weights: Optional[str] = None):
+    """``workers`` Inception actors (a GPU each when the cluster has GPUs), killed on exit."""
     import ray
 
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
     if not ray.is_initialized():
         ray.init()
     use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
     cls = ray.remote(**({"num_gpus": 1} if use_gpu else {"num_cpus": 1}))(_FeatureActor)
-    return [cls.remote(weights, use_gpu) for _ in range(max(1, min(workers, n_items)))]
+    actors = [cls.remote(weights, use_gpu) for _ in range(workers)]
+    try:
+        yield actors
+    finally:
+        for actor in actors:
+            ray.kill(actor)
 
 
 def _run(actors, method: str, items: list[tuple], sizes: list[int], desc: str,
@@ -95,69 +110,77 @@ def _run(actors, method: str, items: list[tuple], sizes: list[int], desc: str,
         index, item = queue.pop(0)
         pending[getattr(actor, method).remote(*item)] = (actor, index)
 
-    try:
-        for _ in range(IN_FLIGHT):
-            for actor in actors:
-                if queue:
-                    submit(actor)
-        with tqdm(total=sum(sizes), unit="img", desc=f"{desc} ({len(actors)} workers)",
-                  disable=not progress) as bar:
-            while pending:
-                (ref,), _ = ray.wait(list(pending), num_returns=1)
-                actor, index = pending.pop(ref)
-                ready[index] = torch.tensor(ray.get(ref))  # a copy: object-store arrays are read-only
-                bar.update(len(ready[index]))
-                if queue:
-                    submit(actor)
-                while next_index in ready:  # fold in item order: the result ignores scheduling
-                    feats = ready.pop(next_index)
-                    stats = (stats or FeatureStats.empty(feats.shape[1])).update(feats, keep)
-                    next_index += 1
-    finally:
+    for _ in range(IN_FLIGHT):
         for actor in actors:
-            ray.kill(actor)
+            if queue:
+                submit(actor)
+    with tqdm(total=sum(sizes), unit="img", desc=f"{desc} ({len(actors)} workers)",
+              disable=not progress) as bar:
+        while pending:
+            (ref,), _ = ray.wait(list(pending), num_returns=1)
+            actor, index = pending.pop(ref)
+            ready[index] = torch.tensor(ray.get(ref))  # a copy: object-store arrays are read-only
+            bar.update(len(ready[index]))
+            if queue:
+                submit(actor)
+            while next_index in ready:  # fold in item order: the result ignores scheduling
+                feats = ready.pop(next_index)
+                stats = (stats or FeatureStats.empty(feats.shape[1])).update(feats, keep)
+                next_index += 1
     if stats is None or stats.count == 0:
         raise ValueError(f"{desc}: no images")
     return stats
 
 
-def _shard_items(shard_dir: str | os.PathLike, limit: Optional[int]) -> tuple[list, list]:
+def _shard_items(shard_dir: str | os.PathLike, limit: Optional[int], start: int = 0) -> tuple[list, list]:
+    """(root, shard, skip, take) covering images start .. start + limit in manifest order."""
     from fdrl.data.manifest import open_shard_set
 
     shard_set = open_shard_set(shard_dir)
-    left = shard_set.total if limit is None else min(limit, shard_set.total)
-    items, sizes = [], []
+    end = shard_set.total if limit is None else min(start + limit, shard_set.total)
+    if end <= start:
+        raise ValueError(f"{shard_dir} has {shard_set.total} images: none from index {start}")
+    items, sizes, offset = [], [], 0
     for name, count in zip(shard_set.shards, shard_set.counts):
-        if left <= 0:
-            break
-        take = min(count, left)
-        items.append((str(shard_set.root), name, take))
-        sizes.append(take)
-        left -= take
+        lo, hi = max(start, offset), min(end, offset + count)
+        for piece in range(lo, hi, ITEM_IMAGES):  # pieces, so few big shards still spread out
+            take = min(ITEM_IMAGES, hi - piece)
+            items.append((str(shard_set.root), name, piece - offset, take))
+            sizes.append(take)
+        offset += count
     return items, sizes
 
 
 def shard_stats_distributed(shard_dir: str | os.PathLike, *, limit: Optional[int] = None,
-                            workers: int = 2, weights: Optional[str] = None,
-                            progress: bool = True) -> FeatureStats:
-    """Features of a shard set's first ``limit`` images (manifest order), one shard per item."""
-    items, sizes = _shard_items(shard_dir, limit)
-    return _run(_actors(workers, len(items), weights), "shard", items, sizes, "FID reference", progress)
+                            start: int = 0, workers: int = 2, weights: Optional[str] = None,
+                            progress: bool = True, actors=None) -> FeatureStats:
+    """Features of a shard set's images start .. start + limit (manifest order), a shard per item."""
+    items, sizes = _shard_items(shard_dir, limit, start)
+    if actors is None:
+        with feature_actors(min(workers, len(items)), weights) as own:
+            return _run(own, "shard", items, sizes, "FID real images", progress)
+    return _run(actors, "shard", items, sizes, "FID real images", progress)
 
 
 def sample_stats_distributed(net, prior, pairing_name: str, flow, arch: str, n: int, seed: int, *,
-                             workers: int = 2, weights: Optional[str] = None,
-                             progress: bool = True) -> FeatureStats:
-    """Features of ``n`` samples (K + kappa steps), drawn chunk by chunk with the core sampler."""
+                             steps: Optional[int] = None, workers: int = 2,
+                             weights: Optional[str] = None, progress: bool = True,
+                             actors=None) -> FeatureStats:
+    """Features of ``n`` samples after ``steps`` flow steps (default K + kappa; 0: the prior),
+    drawn chunk by chunk with the core sampler, so they are the samples ``sample`` gives."""
     import ray
 
     todo = chunks(n)
-    actors = _actors(workers, len(todo), weights)
+    if actors is None:
+        with feature_actors(min(workers, len(todo)), weights) as own:
+            return sample_stats_distributed(net, prior, pairing_name, flow, arch, n, seed,
+                                            steps=steps, progress=progress, actors=own)
     state = ray.put({k: v.detach().cpu().numpy() for k, v in net.state_dict().items()})
     prior_ref = ray.put(prior.to("cpu"))
     ray.get([a.set_model.remote(arch, state, prior_ref, pairing_name, flow) for a in actors])
-    return _run(actors, "chunk", [(seed, i, size) for i, _, size in todo],
-                [size for _, _, size in todo], "FID samples", progress)
+    return _run(actors, "chunk", [(seed, i, size, steps) for i, _, size in todo],
+                [size for _, _, size in todo], f"FID samples ({steps if steps is not None else 'K+kappa'} steps)",
+                progress)
 
 
 def ensure_reference(shard_dir: str | os.PathLike, *, limit: Optional[int] = None, workers: int = 2,
@@ -196,19 +219,38 @@ def ensure_reference(shard_dir: str | os.PathLike, *, limit: Optional[int] = Non
     return path, "computed"
 
 
-def model_fid(model, shard_dir: str | os.PathLike, n: int, seed: int = 0, *, flow=None,
-              reference_limit: Optional[int] = None, workers: int = 2,
-              weights: Optional[str] = None, tracking_uri: Optional[str] = None,
-              progress: bool = True) -> dict[str, float]:
-    """Standard FID/KID of ``n`` samples of a registered model (``registry.LoadedModel``) against
-    its data's reference statistics (all images unless ``reference_limit``)."""
+def stage_fids(model, shard_dir: str | os.PathLike, n: int, seed: int = 0, *, flow=None,
+               stages: Optional[dict] = None, real_vs_real: bool = True,
+               reference_limit: Optional[int] = None, workers: int = 2,
+               weights: Optional[str] = None, tracking_uri: Optional[str] = None,
+               progress: bool = True) -> dict[str, dict[str, float]]:
+    """Standard FID/KID of ``n`` samples of a registered model (``registry.LoadedModel``) at each
+    of ``stages`` (name -> flow steps; default prior, K, K + kappa: the same trajectories, as
+    chunks are seeded alone) against the reference statistics of the data's first
+    ``reference_limit`` images (default: all), and of ``n`` other real images against them
+    (``real_vs_real``; needs that many images beyond the reference). Streams: nothing at 299^2
+    is held beyond a few chunks, so n = 50000 runs in bounded memory."""
+    from fdrl.data.manifest import open_shard_set
+
     flow = flow or model.flow
+    if stages is None:
+        stages = {"prior": 0, "K": flow.flow_steps, "K+kappa": flow.sampling_steps}
     ref_path, _ = ensure_reference(shard_dir, limit=reference_limit, workers=workers, weights=weights,
                                    tracking_uri=tracking_uri, progress=progress)
-    start = time.perf_counter()
-    fake = sample_stats_distributed(model.net, model.prior, model.config.pairing, flow,
-                                    model.config.arch, n, seed, workers=workers, weights=weights,
-                                    progress=progress)
-    out = fid_kid(fake, FeatureStats.load(ref_path), seed)
-    out["seconds"] = time.perf_counter() - start
+    reference = FeatureStats.load(ref_path)
+    out = {}
+    with feature_actors(workers, weights) as actors:
+        for name, steps in stages.items():
+            start = time.perf_counter()
+            fake = sample_stats_distributed(model.net, model.prior, model.config.pairing, flow,
+                                            model.config.arch, n, seed, steps=steps,
+                                            progress=progress, actors=actors)
+            out[name] = {**fid_kid(fake, reference, seed), "seconds": time.perf_counter() - start}
+        total = open_shard_set(shard_dir).total
+        if real_vs_real and reference.count + n <= total:
+            start = time.perf_counter()
+            real = shard_stats_distributed(shard_dir, limit=n, start=reference.count,
+                                           progress=progress, actors=actors)
+            out["real (baseline)"] = {**fid_kid(real, reference, seed),
+                                      "seconds": time.perf_counter() - start}
     return out

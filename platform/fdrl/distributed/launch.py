@@ -184,15 +184,30 @@ def _check_writable(storage: Path) -> None:
 
 
 def choose_gpu(setting: str, cluster_gpus: float) -> bool:
-    """--gpu auto|on|off against the GPUs the Ray cluster has now."""
+    """--gpu auto|on|off|wait against the GPUs the Ray cluster has now."""
     if setting == "off":
         return False
+    if setting == "wait":  # the autoscaler adds GPU nodes when the workers ask for them
+        return True
     if setting == "on" and cluster_gpus < 1:
         raise ValueError(
-            "--gpu on, but the Ray cluster has no GPUs: run with --gpu auto or --gpu off, or "
-            "add GPU nodes first (a cluster that starts them on demand: keep one up, cluster.yaml "
-            "min_workers: 1)")
+            "--gpu on, but the Ray cluster has no GPUs: run with --gpu auto or --gpu off, or, "
+            "on a cluster that starts GPU nodes on demand (cluster.yaml), with --gpu wait")
     return cluster_gpus >= 1
+
+
+def ensure_fid_reference(cfg: TrainConfig) -> str:
+    """With --fid: the reference statistics of fid_samples real images, computed once per
+    dataset on Ray before the trainer starts (cached locally and in MLflow)."""
+    if not cfg.fid or (cfg.fid_reference and Path(cfg.fid_reference).is_file()):
+        return cfg.fid_reference
+    from fdrl.distributed.fid import ensure_reference
+
+    path, source = ensure_reference(cfg.data, limit=cfg.fid_samples, workers=cfg.workers,
+                                    weights=cfg.fid_weights or None, tracking_uri=cfg.tracking_uri,
+                                    cache_dir=Path(cfg.storage) / "fid_cache")
+    print(f"FID reference ({cfg.fid_samples} images): {source} -> {path}")
+    return str(path)
 
 
 def run_training(cfg: TrainConfig, callbacks: Optional[list] = None) -> RunResult:
@@ -215,6 +230,7 @@ def run_training(cfg: TrainConfig, callbacks: Optional[list] = None) -> RunResul
     shard_set = open_shard_set(cfg.data)
     if run.prior_to_fit:
         _fit_prior(cfg, shard_set, Path(cfg.prior_path))
+    cfg = dataclasses.replace(cfg, fid_reference=ensure_fid_reference(cfg))
     info_path = run.run_dir / RUN_INFO
     previous = json.loads(info_path.read_text()) if cfg.resume and info_path.exists() else {}
 

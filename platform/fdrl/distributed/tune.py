@@ -22,7 +22,7 @@ from fdrl.core.divergences import PAIRINGS
 # ASHA metrics (all minimised). "kid": domain-feature KID of EMA samples against real data,
 # comparable across pairings. "kl": the mean log r on flowed samples, the KL diagnostic, which is
 # free but measured by each trial's own ratio estimator, so it is not comparable across pairings.
-METRICS = {"kid": "kid", "kl": "log_r_flowed"}
+METRICS = {"kid": "kid", "kl": "log_r_flowed", "fid": "fid"}
 
 TRIAL_DRIVER_CPU = 0.01  # a trial's own process only waits on its TorchTrainer
 
@@ -138,6 +138,13 @@ def run_sweep(base: TrainConfig, spec: dict[str, Any], *, num_samples: int, metr
             base, eval_every=base.eval_every or base.log_every,
             eval_classifier=base.eval_classifier or ensure_classifier(
                 base.data, storage, manifest_hash(base.data)))
+
+    if metric == "fid":  # the reference once, here, before trials hold the CPUs
+        from fdrl.distributed.launch import ensure_fid_reference
+
+        base = dataclasses.replace(base, fid=True, fid_every=base.fid_every or base.log_every,
+                                   storage=str(storage))
+        base = dataclasses.replace(base, fid_reference=ensure_fid_reference(base))
 
     info_path = sweep_dir / "sweep.json"
     previous = json.loads(info_path.read_text()) if resume and info_path.exists() else {}

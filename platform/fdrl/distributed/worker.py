@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from fdrl.distributed.checkpoint import load_checkpoint, save_checkpoint
 from fdrl.config import TrainConfig
+from fdrl.data.prefetch import BatchPrefetcher
 from fdrl.data.source_prior import SourcePrior, check_domains
 from fdrl.data.stream import ShardStream
 from fdrl.data.manifest import open_shard_set
@@ -41,9 +42,10 @@ MARKER_TIMEOUT_S = 300
 GRID_SEED_OFFSET = 12345  # grids draw from their own seed, apart from the training stream
 
 
-def _rank_state(generator: torch.Generator, stream: ShardStream, prior) -> dict:
+def _rank_state(generator: torch.Generator, batches: BatchPrefetcher, prior) -> dict:
+    # The consumer's position (after the last batch trained on), not the prefetch thread's.
     state = {"generator": generator.get_state(), "torch": torch.get_rng_state(),
-             "position": dict(stream.position)}
+             "position": dict(batches.position)}
     if isinstance(prior, SourcePrior):  # translation: the source stream resumes like the data
         state["prior_position"] = prior.position
     return state
@@ -116,7 +118,9 @@ def train_loop_per_worker(config: dict) -> None:
     stream = ShardStream(shard_set, rank, world, cfg.seed, cfg.hflip, position)
     if cfg.prior == "source":
         prior = load_run_prior(cfg, shard_set.shape, rank, world, prior_position)
-    batches = stream.batches(cfg.batch // world)
+    # Decoding runs ahead on a thread (cfg.prefetch batches); a failing run's worker process
+    # ends with its thread, a finished one closes it below.
+    batches = BatchPrefetcher(stream, cfg.batch // world, cfg.prefetch)
     tracker = Tracker(cfg.experiment, run_id=cfg.mlflow_run_id or None,
                       tracking_uri=cfg.tracking_uri or None,
                       enabled=rank == 0 and bool(cfg.mlflow_run_id))
@@ -128,9 +132,11 @@ def train_loop_per_worker(config: dict) -> None:
         evaluator = DomainKID(cfg.eval_classifier, shard_set, cfg.eval_samples, cfg.seed, device,
                               cfg.tracking_uri or None)
     last_kid = None
+    fid_eval = _training_fid(cfg, device, world) if rank == 0 else None
+    last_fid = None
 
     _mark(cfg, rank, "started")
-    window_start, window_steps = time.perf_counter(), 0
+    window_start, window_steps, window_wait = time.perf_counter(), 0, batches.wait_s
     while state.step < cfg.steps:
         step_start = time.perf_counter()
         data = next(batches).to(device)
@@ -146,12 +152,18 @@ def train_loop_per_worker(config: dict) -> None:
         metrics.update(step=step, step_time=elapsed / window_steps,
                        images_per_s=window_steps * cfg.batch / elapsed,
                        last_step_time=time.perf_counter() - step_start,
+                       data_wait_s=(batches.wait_s - window_wait) / window_steps,
                        skipped_samples=stream.stats.skipped)
-        window_start, window_steps = time.perf_counter(), 0
+        window_start, window_steps, window_wait = time.perf_counter(), 0, batches.wait_s
         if evaluator is not None and (step % cfg.eval_every == 0 or final or last_kid is None):
             last_kid = evaluator(state.ema, prior, pairing, flow)
         if last_kid is not None:
             metrics["kid"] = last_kid  # every report carries it, for ASHA
+        if fid_eval is not None and fid_eval.due(step, final, last_fid is not None):
+            last_fid = fid_eval(state.ema, prior, pairing, flow)
+            metrics["fid_seconds"] = fid_eval.seconds
+        if last_fid is not None:
+            metrics["fid"] = last_fid
         tracker.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step)
 
         if step % cfg.sample_every == 0 or final:
@@ -161,7 +173,7 @@ def train_loop_per_worker(config: dict) -> None:
         if final:  # before the last report: Tune may end the trial as soon as it sees it
             _mark(cfg, rank, "finished")
         if step % cfg.checkpoint_every == 0 or final:
-            rank_states = _gather(_rank_state(generator, stream, prior), world)
+            rank_states = _gather(_rank_state(generator, batches, prior), world)
             with tempfile.TemporaryDirectory() as tmp:
                 ckpt = None
                 if rank == 0:
@@ -172,6 +184,7 @@ def train_loop_per_worker(config: dict) -> None:
             ray.train.report(metrics)
         if rank == 0:
             _console(step_line(step, cfg.steps, metrics))
+    batches.close()
 
 
 def step_line(step: int, steps: int, metrics: dict) -> str:
@@ -196,6 +209,17 @@ def _quiet_ray_reports() -> None:
     except ImportError:  # another Ray layout: keep its logging as it is
         return
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
+def _training_fid(cfg: TrainConfig, device, world: int):
+    if not cfg.fid:
+        return None
+    from fdrl.eval.training_fid import TrainingFID
+
+    # On CPU rank 0 borrows the other ranks' threads: they wait at the next collective meanwhile.
+    threads = cfg.threads * world if device.type == "cpu" else 0
+    return TrainingFID(cfg.data, cfg.fid_samples, cfg.seed, cfg.fid_every, device,
+                       cfg.fid_weights, cfg.fid_reference, threads)
 
 
 def grid_samples(cfg: TrainConfig, net, prior, pairing, flow, device="cpu"):
