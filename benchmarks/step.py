@@ -15,6 +15,9 @@ step of every variant in turn, so load from other processes spreads over all of 
 gives medians. It also measures this machine's conv3x3 peak (128 channels, fp32 and bf16) and the
 step's GFLOP/s from the FLOPs torch counts for one step.
 
+``--json``: ``fp32_eager_s`` and ``optimized_s`` (the faster of "all" and "bf16+channels_last",
+named in ``optimized_variant``), median seconds per step.
+
 Usage: python benchmarks/step.py [--preset reference|demo|both] [--rounds 5] [--json]
 """
 
@@ -172,12 +175,16 @@ def run_preset(name: str, rounds: int, warmup: int, log) -> dict:
     medians = {k: statistics.median(t) for k, t in times.items()}
     peak32, peak16 = conv_peak(torch.float32, preset["threads"]), conv_peak(torch.bfloat16, preset["threads"])
     base_s = medians["fp32_eager"]
+    fastest = min((k for k in ("all", "bf16+channels_last") if k in medians), key=medians.get)
     return {
         "preset": name, "arch": preset["arch"], "batch": preset["batch"], "flow_steps": preset["flow_steps"],
         "threads": preset["threads"], "rounds": rounds, "spectral_norm": bool(preset["net"].get("spectral_norm")),
-        "fp32_eager_s": base_s, "optimized_s": medians["all"],
+        # The fastest combination: on CPU, compile slows bf16 + channels_last down (BENCHMARKS.md).
+        "fp32_eager_s": base_s, "optimized_s": medians[fastest], "optimized_variant": fastest,
         "median_s": medians, "speedup": {k: base_s / s for k, s in medians.items()},
         "compiled": {v.name: v.compiled for v in variants},
+        "variants": {v.name: dict(zip(("precision", "channels_last", "compile", "reference_flow"),
+                                      VARIANTS[v.name])) for v in variants},
         "step_gflop": flops / 1e9, "gflops": {k: flops / s / 1e9 for k, s in medians.items()},
         "conv_peak_gflops": {"fp32": peak32, "bf16": peak16},
         "prior_share": prior_share(prior, preset["batch"], base_s),
@@ -192,9 +199,13 @@ def table(result: dict) -> str:
              f"of the fp32 step", "",
              "| variant | median s/step | × fp32 eager | GFLOP/s | % of its conv peak |", "|---|---|---|---|---|"]
     for name, s in result["median_s"].items():
-        peak = peak16 if VARIANTS[name][0] == "bf16" else peak32
+        spec = result["variants"][name]
+        peak = peak16 if spec["precision"] == "bf16" else peak32
         gf = result["gflops"][name]
-        note = "" if result["compiled"][name] or not VARIANTS[name][2] else " (compile fell back)"
+        note = "" if result["compiled"][name] or not spec["compile"] else " (compile fell back)"
+        if name == "all":
+            note += " (" + " + ".join(k for k in ("precision", "channels_last", "compile")
+                                     if spec[k] not in (False, "fp32")).replace("precision", "bf16") + ")"
         lines.append(f"| {name}{note} | {s:.3f} | {result['speedup'][name]:.2f} | {gf:.0f} | {100 * gf / peak:.0f}% |")
     return "\n".join(lines)
 
@@ -208,6 +219,7 @@ def main(argv=None):
                    help="a subset (fp32_eager and all are always run)")
     p.add_argument("--no-compile", action="store_true",
                    help="leave torch.compile out (its first calls compile for minutes on 2 busy cores)")
+    p.add_argument("--table", metavar="JSON", help="print the markdown table of a saved --json output")
     p.add_argument("--json", action="store_true", help="print one JSON object (one preset) or a list")
     args = p.parse_args(argv)
     if args.no_compile:
@@ -220,6 +232,10 @@ def main(argv=None):
         for name in list(VARIANTS):
             if name not in keep:
                 del VARIANTS[name]
+    if args.table:
+        saved = json.load(open(args.table))
+        print("\n\n".join(table(r) for r in (saved if isinstance(saved, list) else [saved])))
+        return
     log = (lambda msg: print(msg, file=sys.stderr, flush=True))
     names = ["reference", "demo"] if args.preset == "both" else [args.preset]
     with warnings.catch_warnings():

@@ -16,7 +16,7 @@ from typing import Any
 
 # Set by the launcher, sweeps or tests through the config object; never command-line flags.
 INTERNAL_FIELDS = frozenset({"mlflow_run_id", "mlflow_parent_run_id", "fail_at_step", "marker_dir",
-                             "marker_wait"})
+                             "marker_wait", "fid_reference"})
 GPU_CHOICES = ("auto", "on", "off", "wait")
 
 
