@@ -15,6 +15,9 @@ step of every variant in turn, so load from other processes spreads over all of 
 gives medians. It also measures this machine's conv3x3 peak (128 channels, fp32 and bf16) and the
 step's GFLOP/s from the FLOPs torch counts for one step.
 
+``--json``: ``fp32_eager_s`` and ``optimized_s`` (the faster of "all" and "bf16+channels_last",
+named in ``optimized_variant``), median seconds per step.
+
 Usage: python benchmarks/step.py [--preset reference|demo|both] [--rounds 5] [--json]
 """
 
@@ -172,10 +175,12 @@ def run_preset(name: str, rounds: int, warmup: int, log) -> dict:
     medians = {k: statistics.median(t) for k, t in times.items()}
     peak32, peak16 = conv_peak(torch.float32, preset["threads"]), conv_peak(torch.bfloat16, preset["threads"])
     base_s = medians["fp32_eager"]
+    fastest = min((k for k in ("all", "bf16+channels_last") if k in medians), key=medians.get)
     return {
         "preset": name, "arch": preset["arch"], "batch": preset["batch"], "flow_steps": preset["flow_steps"],
         "threads": preset["threads"], "rounds": rounds, "spectral_norm": bool(preset["net"].get("spectral_norm")),
-        "fp32_eager_s": base_s, "optimized_s": medians["all"],
+        # The fastest combination: on CPU, compile slows bf16 + channels_last down (BENCHMARKS.md).
+        "fp32_eager_s": base_s, "optimized_s": medians[fastest], "optimized_variant": fastest,
         "median_s": medians, "speedup": {k: base_s / s for k, s in medians.items()},
         "compiled": {v.name: v.compiled for v in variants},
         "variants": {v.name: dict(zip(("precision", "channels_last", "compile", "reference_flow"),

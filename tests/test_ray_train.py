@@ -154,6 +154,6 @@ def test_fast_path_trains_under_ddp(ray_cluster, shards, workdir):
     client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
     losses = client.get_metric_history(result.mlflow_run_id, "loss")
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(m.value)) for m in losses)
-    weights = load_file(str(Path(result.checkpoint.path) / "ema.safetensors"))
+    weights = load_file(str(Path(result.checkpoint) / "ema.safetensors"))
     assert all(t.dtype == torch.float32 for t in weights.values())
     build_network("mnist32").load_state_dict(weights)
