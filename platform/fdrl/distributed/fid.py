@@ -26,7 +26,7 @@ from fdrl.core.sampler import CHUNK, chunks
 from fdrl.eval.fid import KID_KEEP, FeatureStats, default_cache_dir, fid_kid, reference_key
 
 IN_FLIGHT = 2  # items queued per actor
-ITEM_IMAGES = 4 * CHUNK  # real images per work item (an item re-reads its shard up to its start)
+ITEM_IMAGES = CHUNK  # real images per work item (an item decodes its shard up to its start: cheap next to 299^2)
 
 
 class _FeatureActor:

@@ -92,7 +92,8 @@ def fid(a: FeatureStats, b: FeatureStats) -> float:
 
 def kid_of(a: FeatureStats, b: FeatureStats, subsets: int = KID_SUBSETS,
            subset_size: int = KID_SUBSET_SIZE, seed: int = 0) -> tuple[float, float]:
-    m = min(subset_size, len(a.kept), len(b.kept))
+    # Subsets smaller than the sets, so they differ and the std means something at small N.
+    m = max(2, min(subset_size, len(a.kept) // 2, len(b.kept) // 2))
     return kid(a.kept, b.kept, subsets=subsets, subset_size=m, seed=seed)
 
 
