@@ -9,25 +9,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from mlflow.tracking import MlflowClient
 
 from fdrl.config import TrainConfig
-from fdrl.core.networks import build_network
-from fdrl.core.step import make_state
-from fdrl.distributed.checkpoint import save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(1200)
 
 
 @pytest.fixture(scope="module")
-def unlabelled_model(tmp_path_factory):
+def unlabelled_model(tmp_path_factory, register_random_model):
     from PIL import Image
 
     from fdrl.data.writer import convert
-    from fdrl.tracking.registry import log_fdrl_model
-    from fdrl.tracking.tracker import Tracker
 
     tmp = tmp_path_factory.mktemp("fideval")
     uri = f"sqlite:///{tmp}/mlflow.db"
@@ -40,10 +34,7 @@ def unlabelled_model(tmp_path_factory):
     convert("folder", tmp / "photos", tmp / "shards", resolution=32, shard_size=8, progress=False)
     cfg = TrainConfig(data=str(tmp / "shards"), dataset="photos", arch="cifar10", prior="gaussian",
                       flow_steps=1, extra_steps=1, eta=0.5)
-    torch.manual_seed(0)
-    save_checkpoint(tmp / "ckpt", make_state(build_network("cifar10"), lr=1e-4), cfg.to_dict(), rank_states=[])
-    with Tracker("fdrl", run_name="photos", tracking_uri=uri) as t:
-        log_fdrl_model(t.run_id, tmp / "ckpt", None, cfg.to_dict(), "photos", uri)
+    register_random_model(tmp, uri, "photos", cfg)
     return tmp, uri
 
 
