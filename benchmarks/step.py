@@ -101,12 +101,14 @@ class Variant:
         self.gen = torch.Generator().manual_seed(seed)
         self.pairing = get_pairing("lsif-chi2")
 
-    def step(self, data, prior) -> float:
+    def step(self, data, prior) -> tuple[float, float]:
+        """Wall seconds and CPU seconds (all threads of this process) of one step. On a shared
+        machine the CPU seconds measure the work, whatever share of the cores the step got."""
         ctx = reference_flow() if self.reference else contextlib.nullcontext()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         with ctx:
             train_step(self.state, data, prior, self.pairing, self.flow, self.gen)
-        return time.perf_counter() - start
+        return time.perf_counter() - start, time.process_time() - cpu_start
 
 
 class FlopCount(TorchDispatchMode):
@@ -168,11 +170,16 @@ def run_preset(name: str, rounds: int, warmup: int, log) -> dict:
             else:
                 v.step(data, prior)
     times = {v.name: [] for v in variants}
+    cpu = {v.name: [] for v in variants}
     for r in range(rounds):
         for v in variants:
-            times[v.name].append(v.step(data, prior))
-        log(f"[{name}] round {r + 1}/{rounds}: " + ", ".join(f"{k} {t[-1]:.2f}s" for k, t in times.items()))
+            wall, used = v.step(data, prior)
+            times[v.name].append(wall)
+            cpu[v.name].append(used)
+        log(f"[{name}] round {r + 1}/{rounds}: " + ", ".join(
+            f"{k} {times[k][-1]:.2f}s ({cpu[k][-1]:.2f} CPU s)" for k in times))
     medians = {k: statistics.median(t) for k, t in times.items()}
+    cpu_medians = {k: statistics.median(t) for k, t in cpu.items()}
     peak32, peak16 = conv_peak(torch.float32, preset["threads"]), conv_peak(torch.bfloat16, preset["threads"])
     base_s = medians["fp32_eager"]
     fastest = min((k for k in ("all", "bf16+channels_last") if k in medians), key=medians.get)
@@ -181,7 +188,9 @@ def run_preset(name: str, rounds: int, warmup: int, log) -> dict:
         "threads": preset["threads"], "rounds": rounds, "spectral_norm": bool(preset["net"].get("spectral_norm")),
         # The fastest combination: on CPU, compile slows bf16 + channels_last down (BENCHMARKS.md).
         "fp32_eager_s": base_s, "optimized_s": medians[fastest], "optimized_variant": fastest,
-        "median_s": medians, "speedup": {k: base_s / s for k, s in medians.items()},
+        "median_s": medians, "median_cpu_s": cpu_medians,
+        "fp32_eager_cpu_s": cpu_medians["fp32_eager"], "optimized_cpu_s": cpu_medians[fastest],
+        "cpu_speedup": {k: cpu_medians["fp32_eager"] / c for k, c in cpu_medians.items()}, "speedup": {k: base_s / s for k, s in medians.items()},
         "compiled": {v.name: v.compiled for v in variants},
         "variants": {v.name: dict(zip(("precision", "channels_last", "compile", "reference_flow"),
                                       VARIANTS[v.name])) for v in variants},
@@ -197,7 +206,8 @@ def table(result: dict) -> str:
              f"{result['threads']} threads, {result['step_gflop']:.1f} GFLOP per step; conv3x3 peak "
              f"{peak32:.0f} GFLOP/s fp32, {peak16:.0f} bf16; prior draw {100 * result['prior_share']:.2f}% "
              f"of the fp32 step", "",
-             "| variant | median s/step | × fp32 eager | GFLOP/s | % of its conv peak |", "|---|---|---|---|---|"]
+             "| variant | median s/step | × fp32 eager | median CPU s/step | × fp32 eager (CPU) | GFLOP/s | % of its conv peak |",
+             "|---|---|---|---|---|---|---|"]
     for name, s in result["median_s"].items():
         spec = result["variants"][name]
         peak = peak16 if spec["precision"] == "bf16" else peak32
@@ -206,7 +216,9 @@ def table(result: dict) -> str:
         if name == "all":
             note += " (" + " + ".join(k for k in ("precision", "channels_last", "compile")
                                      if spec[k] not in (False, "fp32")).replace("precision", "bf16") + ")"
-        lines.append(f"| {name}{note} | {s:.3f} | {result['speedup'][name]:.2f} | {gf:.0f} | {100 * gf / peak:.0f}% |")
+        cpu_s, cpu_x = result.get("median_cpu_s", {}).get(name), result.get("cpu_speedup", {}).get(name)
+        cpu_cells = f"{cpu_s:.3f} | {cpu_x:.2f}" if cpu_s is not None else "- | -"
+        lines.append(f"| {name}{note} | {s:.3f} | {result['speedup'][name]:.2f} | {cpu_cells} | {gf:.0f} | {100 * gf / peak:.0f}% |")
     return "\n".join(lines)
 
 

@@ -79,7 +79,8 @@ def test_sample_to_dir_writes_samples_and_grid(ray_cluster, registered, tmp_path
     assert samples.shape == (10, 1, 32, 32) and samples.dtype == np.float32
     assert -1 <= samples.min() and samples.max() <= 1
     assert (tmp_path / "out" / "grid.png").stat().st_size > 0
-    assert summary["flow"] == {"flow_steps": 2, "extra_steps": 2, "eta": 3.0, "nu": 0.01}
+    assert summary["flow"] == {"flow_steps": 2, "extra_steps": 2, "eta": 3.0, "nu": 0.01,
+                               "precision": "fp32"}
     assert summary["images_per_s"] == pytest.approx(summary["n"] / summary["seconds"])
 
 
