@@ -42,3 +42,49 @@ def register_random_model():
         return state, ckpt, prior_path
 
     return register
+
+
+@pytest.fixture(scope="session")
+def load_job():
+    """A function that imports ``jobs/<name>.py`` as a module, so a test can call its ``main``."""
+    import importlib.util
+    from pathlib import Path
+
+    jobs = Path(__file__).resolve().parents[1] / "jobs"
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(f"job_{name}", jobs / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
+
+
+@pytest.fixture(scope="session")
+def register_toy_generators():
+    """A function that registers two random 2D generators in a fresh sqlite store under ``root``:
+    ``gan-<suffix>`` (generator and discriminator) and ``flow-<suffix>`` (generator only, the
+    same network). Returns dict(root, uri, run_id)."""
+    import torch
+
+    from fdrl.core.generator_nets import build_net
+    from fdrl.tracking.generators import log_generator
+    from fdrl.tracking.tracker import Tracker
+
+    g_spec = {"arch": "mlp", "in_dim": 2, "out_dim": 2, "width": 32, "depth": 2}
+    d_spec = {"arch": "mlp", "in_dim": 2, "out_dim": 1, "width": 32, "depth": 2}
+
+    def register(root, suffix):
+        uri = f"sqlite:///{root}/mlflow.db"
+        run_id = Tracker("gan-train", run_name="gan", tracking_uri=uri).run_id
+        torch.manual_seed(0)
+        g, d = build_net(g_spec), build_net(d_spec)
+        info = {"dataset": "25gaussians"}
+        log_generator(run_id, f"gan-{suffix}", "gan", 2, (2,),
+                      {"generator": (g_spec, g), "discriminator": (d_spec, d)}, info, tracking_uri=uri)
+        log_generator(run_id, f"flow-{suffix}", "flow", 2, (2,), {"generator": (g_spec, g)}, info,
+                      tracking_uri=uri)
+        return dict(root=root, uri=uri, run_id=run_id)
+
+    return register

@@ -11,6 +11,9 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from fdrl.config import TrainConfig
+from fdrl.data.writer import convert
+from fdrl.eval.classifier import load_labeled, save_classifier, train_classifier
+from fdrl.eval.metrics import shard_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(600)
@@ -18,10 +21,6 @@ pytestmark = pytest.mark.timeout(600)
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, register_random_model):
-    from fdrl.eval.classifier import load_labeled, save_classifier, train_classifier
-    from fdrl.eval.metrics import shard_batches
-    from fdrl.data.writer import convert
-
     tmp = tmp_path_factory.mktemp("evalrefine")
     uri = f"sqlite:///{tmp}/mlflow.db"
     shards = tmp / "shards"

@@ -10,19 +10,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
+from PIL import Image
 
 from fdrl.config import TrainConfig
+from fdrl.data.writer import convert
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.timeout(1200)
 
 
 @pytest.fixture(scope="module")
 def unlabelled_model(tmp_path_factory, register_random_model):
-    from PIL import Image
-
-    from fdrl.data.writer import convert
-
     tmp = tmp_path_factory.mktemp("fideval")
     uri = f"sqlite:///{tmp}/mlflow.db"
     rng = np.random.default_rng(0)
@@ -38,6 +35,7 @@ def unlabelled_model(tmp_path_factory, register_random_model):
     return tmp, uri
 
 
+@pytest.mark.timeout(1200)  # the module fixture (a registration) is timed with the test
 def test_evaluate_unlabelled_reports_standard_fid_per_stage(unlabelled_model):
     tmp, uri = unlabelled_model
     out = tmp / "eval"
