@@ -11,3 +11,80 @@ def ray_cluster():
     ray.init(num_cpus=2)  # with the dashboard: Train's placement-group cleaner needs its State API
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def register_random_model():
+    """A function that saves a randomly initialised FDRL network of ``cfg.arch`` as a training
+    checkpoint under ``root``, fits a full prior on ``prior_images`` if given, and registers both
+    as ``name``@candidate in ``uri``. Returns (state, checkpoint dir, prior path or None)."""
+    import torch
+
+    from fdrl.core.networks import build_network
+    from fdrl.core.priors import Moments, fit_full
+    from fdrl.core.step import make_state
+    from fdrl.distributed.checkpoint import save_checkpoint
+    from fdrl.tracking.registry import log_fdrl_model
+    from fdrl.tracking.tracker import Tracker
+
+    def register(root, uri, name, cfg, prior_images=None, seed=0):
+        torch.manual_seed(seed)
+        state = make_state(build_network(cfg.arch), lr=1e-3)
+        ckpt = save_checkpoint(root / f"ckpt-{name}", state, cfg.to_dict(), [{}])
+        prior_path = None
+        if prior_images is not None:
+            prior_path = root / f"prior-{name}.safetensors"
+            shape = tuple(prior_images.shape[1:])
+            fit_full(Moments.zeros(prior_images[0].numel()).update(prior_images), shape,
+                     clamp=1.0).save(prior_path)
+        with Tracker("unit", run_name=name, tracking_uri=uri) as tracker:
+            log_fdrl_model(tracker.run_id, ckpt, prior_path, cfg.to_dict(), name, uri)
+        return state, ckpt, prior_path
+
+    return register
+
+
+@pytest.fixture(scope="session")
+def load_job():
+    """A function that imports ``jobs/<name>.py`` as a module, so a test can call its ``main``."""
+    import importlib.util
+    from pathlib import Path
+
+    jobs = Path(__file__).resolve().parents[1] / "jobs"
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(f"job_{name}", jobs / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
+
+
+@pytest.fixture(scope="session")
+def register_toy_generators():
+    """A function that registers two random 2D generators in a fresh sqlite store under ``root``:
+    ``gan-<suffix>`` (generator and discriminator) and ``flow-<suffix>`` (generator only, the
+    same network). Returns dict(root, uri, run_id)."""
+    import torch
+
+    from fdrl.core.generator_nets import build_net
+    from fdrl.tracking.generators import log_generator
+    from fdrl.tracking.tracker import Tracker
+
+    g_spec = {"arch": "mlp", "in_dim": 2, "out_dim": 2, "width": 32, "depth": 2}
+    d_spec = {"arch": "mlp", "in_dim": 2, "out_dim": 1, "width": 32, "depth": 2}
+
+    def register(root, suffix):
+        uri = f"sqlite:///{root}/mlflow.db"
+        run_id = Tracker("gan-train", run_name="gan", tracking_uri=uri).run_id
+        torch.manual_seed(0)
+        g, d = build_net(g_spec), build_net(d_spec)
+        info = {"dataset": "25gaussians"}
+        log_generator(run_id, f"gan-{suffix}", "gan", 2, (2,),
+                      {"generator": (g_spec, g), "discriminator": (d_spec, d)}, info, tracking_uri=uri)
+        log_generator(run_id, f"flow-{suffix}", "flow", 2, (2,), {"generator": (g_spec, g)}, info,
+                      tracking_uri=uri)
+        return dict(root=root, uri=uri, run_id=run_id)
+
+    return register

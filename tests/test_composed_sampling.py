@@ -14,14 +14,10 @@ import torch
 from fdrl.config import TrainConfig
 from fdrl.core.flow import FlowSettings
 from fdrl.core.guidance import class_potential
-from fdrl.core.networks import build_network
 from fdrl.core.sampler import sample
-from fdrl.core.step import make_state
-from fdrl.distributed.checkpoint import save_checkpoint
 from fdrl.distributed.composed import conditional_to_dir, translate_to_dir
 from fdrl.eval.classifier import ClassifierConfig, MnistClassifier, TrainResult, register_classifier
-from fdrl.tracking.registry import load_fdrl_model, log_fdrl_model
-from fdrl.tracking.tracker import Tracker
+from fdrl.tracking.registry import load_fdrl_model
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL, CLF, CLF28 = "models:/fdrl-unit@candidate", "models:/classifier-unit@candidate", "models:/classifier-unit28@candidate"
@@ -35,17 +31,13 @@ def _register_classifier(uri, name, in_shape, seed):
 
 
 @pytest.fixture(scope="module")
-def registry(tmp_path_factory):
+def registry(tmp_path_factory, register_random_model):
     """A random mnist32 ratio (uniform prior, K + kappa = 3) and two random classifiers."""
     root = tmp_path_factory.mktemp("composed")
     uri = f"sqlite:///{root}/mlflow.db"
-    torch.manual_seed(0)
-    state = make_state(build_network("mnist32"), lr=1e-3)
     cfg = TrainConfig(dataset="unit", arch="mnist32", prior="uniform", pairing="lr-kl",
                       flow_steps=2, extra_steps=1)
-    ckpt = save_checkpoint(root / "ckpt", state, cfg.to_dict(), [{}])
-    run_id = Tracker("unit", run_name="train", tracking_uri=uri).run_id
-    log_fdrl_model(run_id, ckpt, None, cfg.to_dict(), "fdrl-unit", uri)
+    register_random_model(root, uri, "fdrl-unit", cfg)
     _register_classifier(uri, "classifier-unit", (1, 32, 32), 1)
     _register_classifier(uri, "classifier-unit28", (1, 28, 28), 2)
     return uri

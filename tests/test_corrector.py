@@ -1,40 +1,21 @@
 """jobs/train_corrector.py on registered 2D generators (real sqlite MLflow): the corrector becomes
 a new version of the generator's model, its logit adds to d (or stands alone), and it learns."""
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from fdrl.core.generator_nets import build_net
-from fdrl.tracking.generators import load_generator, log_generator
-from fdrl.tracking.tracker import Tracker
-
-REPO = Path(__file__).resolve().parents[1]
-G = {"arch": "mlp", "in_dim": 2, "out_dim": 2, "width": 32, "depth": 2}
-D = {"arch": "mlp", "in_dim": 2, "out_dim": 1, "width": 32, "depth": 2}
+from fdrl.tracking.generators import load_generator
 
 
-def job():
-    spec = importlib.util.spec_from_file_location("train_corrector", REPO / "jobs" / "train_corrector.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corrector")
-    uri = f"sqlite:///{root}/mlflow.db"
-    run_id = Tracker("gen", run_name="gen", tracking_uri=uri).run_id
-    torch.manual_seed(0)
-    info = {"dataset": "25gaussians"}
-    log_generator(run_id, "gan-c", "gan", 2, (2,), {"generator": (G, build_net(G)), "discriminator": (D, build_net(D))},
-                  info, tracking_uri=uri)
-    log_generator(run_id, "flow-c", "flow", 2, (2,), {"generator": (G, build_net(G))}, info, tracking_uri=uri)
-    return dict(root=root, uri=uri)
+def store(tmp_path_factory, register_toy_generators, load_job):
+    store = register_toy_generators(tmp_path_factory.mktemp("corrector"), "c")
+    return dict(store, job=load_job("train_corrector"))
 
 
 def losses(uri, name):
@@ -49,7 +30,7 @@ def test_calibrating_a_critic_registers_a_new_version_that_learns(store):
     before = load_generator("models:/gan-c@candidate", store["uri"])
     args = ["--generator", "models:/gan-c@candidate", "--iters", "300", "--lr", "0.05", "--log-every", "50",
             "--tracking-uri", store["uri"]]
-    assert job().main(args) == 0
+    assert store["job"].main(args) == 0
     after = load_generator("models:/gan-c@candidate", store["uri"])
     assert after.version == "2" and set(after.nets) == {"generator", "discriminator", "corrector"}
     x = torch.randn(16, 2)
@@ -61,15 +42,15 @@ def test_calibrating_a_critic_registers_a_new_version_that_learns(store):
 def test_reference_discriminator_and_no_discriminator(store):
     args = ["--generator", "models:/flow-c@candidate", "--reference", "models:/gan-c/1", "--iters", "20",
             "--tracking-uri", store["uri"]]
-    assert job().main(args) == 0
+    assert store["job"].main(args) == 0
     m = load_generator("models:/flow-c@candidate", store["uri"])
     ref = load_generator("models:/gan-c/1", store["uri"])
     x = torch.randn(8, 2)
     torch.testing.assert_close(m.logit()(x), ref.nets["discriminator"](x) + m.nets["corrector"](x))
     with pytest.raises(SystemExit, match="has no discriminator to start from"):
-        job().main(["--generator", "models:/gan-c@candidate", "--reference", "models:/flow-c/1",
+        store["job"].main(["--generator", "models:/gan-c@candidate", "--reference", "models:/flow-c/1",
                     "--iters", "5", "--tracking-uri", store["uri"]])
     # a fresh corrector for a model without any discriminator: the corrector is the whole logit
-    assert job().main(["--generator", "models:/flow-c/1", "--iters", "5", "--tracking-uri", store["uri"]]) == 0
+    assert store["job"].main(["--generator", "models:/flow-c/1", "--iters", "5", "--tracking-uri", store["uri"]]) == 0
     fresh = load_generator("models:/flow-c@candidate", store["uri"])
     torch.testing.assert_close(fresh.logit()(x), fresh.nets["corrector"](x))

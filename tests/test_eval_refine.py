@@ -10,24 +10,17 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from fdrl.distributed.checkpoint import save_checkpoint
 from fdrl.config import TrainConfig
-from fdrl.core.networks import build_network
-from fdrl.core.priors import Moments, fit_full
-from fdrl.core.step import make_state
+from fdrl.data.writer import convert
+from fdrl.eval.classifier import load_labeled, save_classifier, train_classifier
+from fdrl.eval.metrics import shard_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(600)
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    from fdrl.eval.classifier import load_labeled, save_classifier, train_classifier
-    from fdrl.eval.metrics import shard_batches
-    from fdrl.tracking.registry import log_fdrl_model
-    from fdrl.data.writer import convert
-    from fdrl.tracking.tracker import Tracker
-
+def setup(tmp_path_factory, register_random_model):
     tmp = tmp_path_factory.mktemp("evalrefine")
     uri = f"sqlite:///{tmp}/mlflow.db"
     shards = tmp / "shards"
@@ -37,13 +30,7 @@ def setup(tmp_path_factory):
 
     cfg = TrainConfig(data=str(shards), dataset="mnist", arch="mnist32", prior="full",
                       flow_steps=3, extra_steps=2, eta=1.0, nu=0.01)
-    torch.manual_seed(0)
-    state = make_state(build_network("mnist32"), lr=1e-4)
-    save_checkpoint(tmp / "ckpt", state, cfg.to_dict(), rank_states=[])
-    prior = fit_full(Moments.zeros(1024).update(torch.cat(list(shard_batches(shards)))), (1, 32, 32), clamp=1.0)
-    prior.save(tmp / "prior.safetensors")
-    with Tracker("fdrl", run_name="tiny", tracking_uri=uri) as t:
-        log_fdrl_model(t.run_id, tmp / "ckpt", tmp / "prior.safetensors", cfg.to_dict(), "tiny", uri)
+    register_random_model(tmp, uri, "tiny", cfg, prior_images=torch.cat(list(shard_batches(shards))))
     return tmp, uri, clf
 
 

@@ -9,26 +9,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from mlflow.tracking import MlflowClient
+from PIL import Image
 
 from fdrl.config import TrainConfig
-from fdrl.core.networks import build_network
-from fdrl.core.step import make_state
-from fdrl.distributed.checkpoint import save_checkpoint
+from fdrl.data.writer import convert
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.timeout(1200)
 
 
 @pytest.fixture(scope="module")
-def unlabelled_model(tmp_path_factory):
-    from PIL import Image
-
-    from fdrl.data.writer import convert
-    from fdrl.tracking.registry import log_fdrl_model
-    from fdrl.tracking.tracker import Tracker
-
+def unlabelled_model(tmp_path_factory, register_random_model):
     tmp = tmp_path_factory.mktemp("fideval")
     uri = f"sqlite:///{tmp}/mlflow.db"
     rng = np.random.default_rng(0)
@@ -40,13 +31,11 @@ def unlabelled_model(tmp_path_factory):
     convert("folder", tmp / "photos", tmp / "shards", resolution=32, shard_size=8, progress=False)
     cfg = TrainConfig(data=str(tmp / "shards"), dataset="photos", arch="cifar10", prior="gaussian",
                       flow_steps=1, extra_steps=1, eta=0.5)
-    torch.manual_seed(0)
-    save_checkpoint(tmp / "ckpt", make_state(build_network("cifar10"), lr=1e-4), cfg.to_dict(), rank_states=[])
-    with Tracker("fdrl", run_name="photos", tracking_uri=uri) as t:
-        log_fdrl_model(t.run_id, tmp / "ckpt", None, cfg.to_dict(), "photos", uri)
+    register_random_model(tmp, uri, "photos", cfg)
     return tmp, uri
 
 
+@pytest.mark.timeout(1200)  # the module fixture (a registration) is timed with the test
 def test_evaluate_unlabelled_reports_standard_fid_per_stage(unlabelled_model):
     tmp, uri = unlabelled_model
     out = tmp / "eval"

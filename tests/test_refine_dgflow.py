@@ -2,49 +2,30 @@
 this process and on 1 or 2 Ray workers (the same arrays), the refinement run read back through
 MLflow, --steps auto, and bad input named."""
 
-import importlib.util
 import json
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from mlflow.tracking import MlflowClient
 
 from fdrl.core.generator_nets import build_net
-from fdrl.tracking.generators import log_generator
-from fdrl.tracking.tracker import Tracker
 
-REPO = Path(__file__).resolve().parents[1]
 G_SPEC = {"arch": "mlp", "in_dim": 2, "out_dim": 2, "width": 32, "depth": 2}
-D_SPEC = {"arch": "mlp", "in_dim": 2, "out_dim": 1, "width": 32, "depth": 2}
 
 
-def job():
-    spec = importlib.util.spec_from_file_location("refine_job", REPO / "jobs" / "refine.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    root = tmp_path_factory.mktemp("refine-dgflow")
-    uri = f"sqlite:///{root}/mlflow.db"
-    run_id = Tracker("gan-train", run_name="gan", tracking_uri=uri).run_id
-    torch.manual_seed(0)
-    g, d = build_net(G_SPEC), build_net(D_SPEC)
-    log_generator(run_id, "gan-toy", "gan", 2, (2,), {"generator": (G_SPEC, g), "discriminator": (D_SPEC, d)},
-                  info={"dataset": "25gaussians"}, tracking_uri=uri)
-    log_generator(run_id, "flow-toy", "flow", 2, (2,), {"generator": (G_SPEC, g)}, tracking_uri=uri)
-    return dict(root=root, uri=uri, run_id=run_id)
+def store(tmp_path_factory, register_toy_generators, load_job):
+    store = register_toy_generators(tmp_path_factory.mktemp("refine-dgflow"), "toy")
+    return dict(store, job=load_job("refine"))
 
 
 def refine(store, out, *extra):
     args = ["--generator", "models:/gan-toy@candidate", "--n", "150", "--seed", "3", "--out", str(out),
             "--tracking-uri", store["uri"], *map(str, extra)]
-    return job().main(args)
+    return store["job"].main(args)
 
 
 @pytest.mark.timeout(600)

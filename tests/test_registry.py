@@ -4,7 +4,6 @@ Register -> load by alias in a fresh process (same weights, prior, config); tamp
 are refused by their sha256 tags and never unpickled; aliases; the pyfunc flavour samples."""
 
 import hashlib
-import importlib.util
 import inspect
 import json
 import os
@@ -28,7 +27,6 @@ from fdrl.tracking.registry import (ModelNotFoundError, TamperedArtifactError, l
 from fdrl.tracking.tracker import Tracker
 from fdrl.core.step import make_state
 
-REPO = Path(__file__).resolve().parents[1]
 NAME = "fdrl-unit"
 
 
@@ -239,10 +237,8 @@ def test_pyfunc_flavour_draws_the_same_samples_as_the_library(registry):
     np.testing.assert_array_equal(x, want)  # same chunk seeds, same process
 
 
-def test_register_job_registers_and_promotes(registry, capsys):
-    spec = importlib.util.spec_from_file_location("register_job", REPO / "jobs" / "register.py")
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
+def test_register_job_registers_and_promotes(registry, capsys, load_job):
+    job = load_job("register")
     _, _, ckpt, prior_path = make_checkpoint(registry["root"], 50)
     assert job.main(["--checkpoint", str(ckpt), "--prior", str(prior_path), "--name", "fdrl-job",
                      "--experiment", "by-hand", "--tracking-uri", registry["uri"]]) == 0

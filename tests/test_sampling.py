@@ -12,34 +12,23 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fdrl.distributed.checkpoint import save_checkpoint
 from fdrl.config import TrainConfig
-from fdrl.core.networks import build_network
-from fdrl.core.priors import Moments, fit_full
-from fdrl.tracking.registry import load_fdrl_model, log_fdrl_model
+from fdrl.tracking.registry import load_fdrl_model
 from fdrl.core.flow import FlowSettings
 from fdrl.core.sampler import chunks, sample
 from fdrl.distributed.sampling import sample_distributed, sample_to_dir
-from fdrl.tracking.tracker import Tracker
-from fdrl.core.step import make_state
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def registered(tmp_path_factory):
+def registered(tmp_path_factory, register_random_model):
     """A random mnist32 network with a fitted full prior, registered as fdrl-sampling@candidate."""
     root = tmp_path_factory.mktemp("sampling")
     uri = f"sqlite:///{root}/mlflow.db"
-    torch.manual_seed(0)
-    state = make_state(build_network("mnist32"), lr=1e-3)
     cfg = TrainConfig(dataset="unit", arch="mnist32", prior="full", flow_steps=2, extra_steps=1)
-    ckpt = save_checkpoint(root / "ckpt", state, cfg.to_dict(), [{}])
     x = torch.rand(64, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    prior_path = root / "prior.safetensors"
-    fit_full(Moments.zeros(1024).update(x), (1, 32, 32), clamp=1.0).save(prior_path)
-    run_id = Tracker("unit", run_name="train", tracking_uri=uri).run_id
-    log_fdrl_model(run_id, ckpt, prior_path, cfg.to_dict(), "fdrl-sampling", uri)
+    register_random_model(root, uri, "fdrl-sampling", cfg, prior_images=x)
     return load_fdrl_model("models:/fdrl-sampling@candidate", uri), uri
 
 

@@ -2,8 +2,6 @@
 the trained WGAN-GP registers as gan-<dataset>@candidate with its critic, and loads back; the
 critic separates data from the generator's samples after a short run."""
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +10,6 @@ from mlflow.tracking import MlflowClient
 from fdrl.core.gan import critic_loss, gradient_penalty
 from fdrl.tracking.generators import load_generator
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_gradient_penalty_is_zero_for_a_unit_slope_critic():
@@ -30,10 +27,8 @@ def test_gradient_penalty_is_zero_for_a_unit_slope_critic():
 
 
 @pytest.mark.timeout(600)
-def test_train_gan_registers_generator_and_critic(tmp_path, ray_cluster):
-    spec = importlib.util.spec_from_file_location("train_gan", REPO / "jobs" / "train_gan.py")
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
+def test_train_gan_registers_generator_and_critic(tmp_path, ray_cluster, load_job):
+    job = load_job("train_gan")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     assert job.main(["--dataset", "25gaussians", "--steps", "60", "--workers", "2", "--width", "32",
                      "--batch", "64", "--lr", "1e-3", "--log-every", "20", "--tracking-uri", uri,

@@ -112,7 +112,7 @@ def flow(
     log_r_means = []
     with frozen_for_flow(net):
         x = x.detach().clone()  # updated in place below; the caller's tensor is left alone
-        noise = torch.empty_like(x)
+        noise, drift = torch.empty_like(x), torch.empty_like(x)
         for _ in range(steps):
             x_in = x.detach().requires_grad_(True)
             with torch.enable_grad():
@@ -129,7 +129,10 @@ def flow(
                 # x <- x - eta * grad + nu * xi; the noise is drawn even at nu = 0 so the
                 # generator's stream does not depend on nu.
                 torch.randn(x.shape, generator=generator, out=noise)
-                x.sub_(grad.mul_(eta)).add_(noise.mul_(nu))
+                # grad may be a view autograd shares (an expanded ones for a linear potential),
+                # so it is scaled into our own buffer, never in place.
+                torch.mul(grad, eta, out=drift)
+                x.sub_(drift).add_(noise.mul_(nu))
         if return_log_r:
             with torch.no_grad():
                 log_r_means.append(pairing.log_r(network_output(net, x, precision)).mean())

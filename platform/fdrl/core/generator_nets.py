@@ -18,6 +18,11 @@ from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 
+
+def _logit_or_features(out):
+    """One output per sample is a logit (shape N); more are a feature critic's vector (N x D)."""
+    return out.squeeze(-1) if out.shape[-1] == 1 else out
+
 class MLPNet(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, width: int = 512, depth: int = 3):
         super().__init__()
@@ -30,8 +35,7 @@ class MLPNet(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x):
-        out = self.net(x)
-        return out.squeeze(-1) if out.shape[-1] == 1 else out
+        return _logit_or_features(self.net(x))
 
 
 class DCGANGenerator(nn.Module):
@@ -66,8 +70,7 @@ class DCGANDiscriminator(nn.Module):
             nn.Flatten(), sn(nn.Linear(4 * width * 16, out_dim)))
 
     def forward(self, x):
-        out = self.net(x)
-        return out.squeeze(-1) if out.shape[-1] == 1 else out
+        return _logit_or_features(self.net(x))
 
 
 class VAEEncoder(nn.Module):

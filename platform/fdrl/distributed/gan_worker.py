@@ -178,6 +178,7 @@ def train_generator(cfg: GenConfig) -> dict:
     from ray.train.torch import TorchConfig, TorchTrainer
     from safetensors.torch import load_file
 
+    from fdrl.distributed.launch import fit_tracked
     from fdrl.tracking.generators import log_generator
     from fdrl.tracking.tracker import Tracker, default_tracking_uri, git_commit
 
@@ -196,13 +197,7 @@ def train_generator(cfg: GenConfig) -> dict:
         gan_loop_per_worker, train_loop_config=asdict(cfg), torch_config=TorchConfig(backend="gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.workers, resources_per_worker={"CPU": 1}),
         run_config=RunConfig(name=f"{name}-s{cfg.seed}-{int(time.time())}", storage_path=str(storage)))
-    start = time.perf_counter()
-    try:
-        result = trainer.fit()
-    except BaseException:
-        tracker.end("FAILED")
-        raise
-    seconds = time.perf_counter() - start
+    result, seconds = fit_tracked(trainer, tracker)
     with result.checkpoint.as_directory() as d:
         nets = {}
         for role, spec in cfg.specs.items():

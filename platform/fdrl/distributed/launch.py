@@ -135,25 +135,26 @@ def prior_file_shape(path: str | Path) -> tuple[int, ...]:
     return tuple(json.loads(meta["shape"]))
 
 
+def _same_shape(left: str, left_shape, right: str, right_shape, advice: str) -> None:
+    if tuple(left_shape) != tuple(right_shape):
+        raise ValueError(f"{left} shape {tuple(left_shape)} but {right} shape "
+                         f"{tuple(right_shape)}: {advice}")
+
+
 def check_run(run: ResolvedRun) -> None:
     """Configuration against data, prior file, evaluation inputs and storage (no cluster needed).
     Each error names both sides."""
     from fdrl.core.networks import network_input_shape
 
     cfg, shape = run.config, run.data_shape
-    net_shape = network_input_shape(cfg.arch)
-    if tuple(net_shape) != tuple(shape):
-        raise ValueError(
-            f"network {cfg.arch!r} takes images of shape {tuple(net_shape)} but the data in "
-            f"{cfg.data} has shape {tuple(shape)}: choose a network for this data (--arch auto "
-            f"builds one for its shape) or prepare the data at that shape")
+    _same_shape(f"network {cfg.arch!r} takes images of", network_input_shape(cfg.arch),
+                f"the data in {cfg.data} has", shape,
+                "choose a network for this data (--arch auto builds one for its shape) or prepare "
+                "the data at that shape")
     if cfg.prior_path and not run.prior_to_fit:
-        prior_shape = prior_file_shape(cfg.prior_path)
-        if tuple(prior_shape) != tuple(shape):
-            raise ValueError(
-                f"prior has shape {tuple(prior_shape)} but the data has shape {tuple(shape)}: "
-                f"fit a prior on this dataset (datasets/fit_prior.py), or drop --prior-path "
-                f"({cfg.prior_path})")
+        _same_shape("prior has", prior_file_shape(cfg.prior_path), "the data has", shape,
+                    f"fit a prior on this dataset (datasets/fit_prior.py), or drop --prior-path "
+                    f"({cfg.prior_path})")
     if cfg.prior == "source":  # translation: the source domain's images must be the data's shape
         from fdrl.data.source_prior import check_domains
 
@@ -210,6 +211,17 @@ def ensure_fid_reference(cfg: TrainConfig) -> str:
     return str(path)
 
 
+def fit_tracked(trainer, tracker):
+    """``trainer.fit()`` and its wall seconds; the MLflow run is marked FAILED if it raises."""
+    start = time.perf_counter()
+    try:
+        result = trainer.fit()
+    except BaseException:
+        tracker.end("FAILED")
+        raise
+    return result, time.perf_counter() - start
+
+
 def run_training(cfg: TrainConfig, callbacks: Optional[list] = None) -> RunResult:
     """Resolve and check ``cfg`` (left unchanged), fit the prior if needed, open the MLflow run and
     train with a TorchTrainer. ``callbacks``: Ray Train user callbacks, e.g. Tune's report
@@ -259,13 +271,7 @@ def run_training(cfg: TrainConfig, callbacks: Optional[list] = None) -> RunResul
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             failure_config=FailureConfig(max_failures=cfg.max_failures), callbacks=callbacks),
     )
-    start = time.perf_counter()
-    try:
-        result = trainer.fit()
-    except BaseException:
-        tracker.end("FAILED")
-        raise
-    seconds = time.perf_counter() - start
+    result, seconds = fit_tracked(trainer, tracker)
     tracker.log_metrics({"train_wall_seconds": seconds}, cfg.steps)
     model_uri = None
     checkpoint = result.checkpoint.path if result.checkpoint is not None else None

@@ -29,8 +29,8 @@ from torch import nn
 from fdrl.core.dgflow import Logit
 from fdrl.core.generator_nets import build_net
 from fdrl.data.hashing import sha256_file
-from fdrl.tracking.registry import (ARTIFACT_DIR, TAG, TamperedArtifactError, _check, _client,
-                                    _pip_requirements, _resolve, parse_model_uri)
+from fdrl.tracking.registry import (ARTIFACT_DIR, TAG, TamperedArtifactError, _client,
+                                    _pip_requirements, verified_version)
 
 KINDS = ("gan", "vae", "flow")
 ROLES = ("generator", "discriminator", "encoder", "corrector")
@@ -176,32 +176,12 @@ def log_generator(run_id: str, name: str, kind: str, latent_dim: int, data_shape
 def load_generator(uri: str, tracking_uri: Optional[str] = None) -> GeneratorModel:
     """Resolve ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``, check every file against its
     sha256 tag, rebuild the networks from safetensors + JSON. Nothing is unpickled."""
-    from mlflow.artifacts import download_artifacts
-
-    from fdrl.tracking.tracker import default_tracking_uri
-
-    tracking_uri = tracking_uri or default_tracking_uri()
-    client = _client(tracking_uri)
-    name, alias, version = parse_model_uri(uri)
-    mv = _resolve(client, name, alias, version)
-    ref = f"models:/{name}/{mv.version}"
-    hashes = {k[len(TAG):]: v for k, v in mv.tags.items() if k.startswith(TAG)}
-    if f"{ARTIFACT_DIR}/{CONFIG}" not in hashes:
-        raise TamperedArtifactError(f"{ref} has no {TAG}{ARTIFACT_DIR}/{CONFIG} tag: it is not a "
-                                    "generator registered by fdrl.tracking.generators")
-    root = client.get_model_version_download_uri(name, mv.version).rstrip("/")
-    with tempfile.TemporaryDirectory(prefix="fdrl-load-") as tmp:
-        local = Path(download_artifacts(artifact_uri=f"{root}/{ARTIFACT_DIR}", dst_path=tmp,
-                                        tracking_uri=tracking_uri))
-
-        def read(filename: str) -> bytes:
-            rel, path = f"{ARTIFACT_DIR}/{filename}", local / filename
-            if not path.is_file():
-                raise TamperedArtifactError(f"{rel} of {ref} is missing from the artifact store")
-            return _check(path.read_bytes(), rel, hashes.get(rel), ref)
-
-        config = json.loads(read(CONFIG))
-        weights = {role: _load(read(f"{role}.safetensors")) for role in config["nets"]}
+    with verified_version(uri, tracking_uri) as found:
+        if not found.has(CONFIG):
+            raise TamperedArtifactError(f"{found.ref} has no {TAG}{ARTIFACT_DIR}/{CONFIG} tag: it is "
+                                        "not a generator registered by fdrl.tracking.generators")
+        config = json.loads(found.read(CONFIG))
+        weights = {role: _load(found.read(f"{role}.safetensors")) for role in config["nets"]}
     model = build_generator(config, weights)
-    model.name, model.version, model.run_id = name, str(mv.version), mv.run_id or ""
+    model.name, model.version, model.run_id = found.name, found.version, found.run_id
     return model

@@ -28,9 +28,10 @@ import json
 import logging
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 from safetensors.torch import load as load_safetensors_bytes
@@ -41,7 +42,7 @@ from fdrl.config import TrainConfig
 from fdrl.core.divergences import Pairing, get_pairing
 from fdrl.core.networks import build_network
 from fdrl.core.priors import Prior, model_prior
-from fdrl.data.writer import sha256_file
+from fdrl.data.hashing import sha256_file
 from fdrl.core.flow import FlowSettings
 from fdrl.core.sampler import CHUNK
 
@@ -258,10 +259,32 @@ def _check(data: bytes, rel: str, expected: Optional[str], ref: str) -> bytes:
     return data
 
 
-def load_fdrl_model(uri: str, tracking_uri: Optional[str] = None) -> LoadedModel:
-    """Resolve ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``, download weights, prior and
-    config, check each against its sha256 tag, and rebuild the model from safetensors + JSON.
-    Nothing is unpickled and no code from the artifact store runs."""
+@dataclass
+class VerifiedVersion:
+    """A registered version's artifacts, downloaded into ``folder``; ``read`` returns a file's
+    bytes only after checking them against the version's sha256 tag."""
+    name: str
+    version: str
+    run_id: str
+    ref: str  # models:/NAME/VERSION, for messages
+    hashes: dict  # artifact path in the model -> sha256 hex
+    folder: Path  # a temporary folder, gone when the context exits
+    local: Path
+
+    def read(self, filename: str) -> bytes:  # the verified bytes are the ones that get loaded
+        rel, path = f"{ARTIFACT_DIR}/{filename}", self.local / filename
+        if not path.is_file():
+            raise TamperedArtifactError(f"{rel} of {self.ref} is missing from the artifact store")
+        return _check(path.read_bytes(), rel, self.hashes.get(rel), self.ref)
+
+    def has(self, filename: str) -> bool:
+        return f"{ARTIFACT_DIR}/{filename}" in self.hashes
+
+
+@contextmanager
+def verified_version(uri: str, tracking_uri: Optional[str] = None) -> Iterator[VerifiedVersion]:
+    """Resolve ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` and download its artifacts
+    into a temporary folder, for reading through ``VerifiedVersion.read``."""
     from mlflow.artifacts import download_artifacts
 
     from fdrl.tracking.tracker import default_tracking_uri
@@ -270,26 +293,26 @@ def load_fdrl_model(uri: str, tracking_uri: Optional[str] = None) -> LoadedModel
     client = _client(tracking_uri)
     name, alias, version = parse_model_uri(uri)
     mv = _resolve(client, name, alias, version)
-    ref = f"models:/{name}/{mv.version}"
     hashes = {k[len(TAG):]: v for k, v in mv.tags.items() if k.startswith(TAG)}
     root = client.get_model_version_download_uri(name, mv.version).rstrip("/")
     with tempfile.TemporaryDirectory(prefix="fdrl-load-") as tmp:
         local = Path(download_artifacts(artifact_uri=f"{root}/{ARTIFACT_DIR}", dst_path=tmp,
                                         tracking_uri=tracking_uri))
+        yield VerifiedVersion(name, str(mv.version), mv.run_id or "", f"models:/{name}/{mv.version}",
+                              hashes, Path(tmp), local)
 
-        def read(filename: str) -> bytes:  # the verified bytes are the ones that get loaded
-            rel, path = f"{ARTIFACT_DIR}/{filename}", local / filename
-            if not path.is_file():
-                raise TamperedArtifactError(f"{rel} of {ref} is missing from the artifact store")
-            return _check(path.read_bytes(), rel, hashes.get(rel), ref)
 
-        weights = load_safetensors_bytes(read(WEIGHTS))
-        config = json.loads(read(CONFIG))
+def load_fdrl_model(uri: str, tracking_uri: Optional[str] = None) -> LoadedModel:
+    """Resolve ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``, download weights, prior and
+    config, check each against its sha256 tag, and rebuild the model from safetensors + JSON.
+    Nothing is unpickled and no code from the artifact store runs."""
+    with verified_version(uri, tracking_uri) as found:
+        weights = load_safetensors_bytes(found.read(WEIGHTS))
+        config = json.loads(found.read(CONFIG))
         prior_file = None
-        if f"{ARTIFACT_DIR}/{PRIOR}" in hashes:  # parameter-free priors have no file
-            prior_file = Path(tmp) / "verified-prior.safetensors"
-            prior_file.write_bytes(read(PRIOR))  # load_prior takes a path: write the checked bytes
+        if found.has(PRIOR):  # parameter-free priors have no file
+            prior_file = found.folder / "verified-prior.safetensors"
+            prior_file.write_bytes(found.read(PRIOR))  # load_prior takes a path: write the checked bytes
         net, prior, cfg = build_model(weights, prior_file, config)
     return LoadedModel(net, prior, cfg, get_pairing(cfg.pairing),
-                       FlowSettings.from_config(cfg), name, str(mv.version),
-                       mv.run_id or "")
+                       FlowSettings.from_config(cfg), found.name, found.version, found.run_id)
