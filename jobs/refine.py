@@ -58,6 +58,12 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=None, help="refine the first N samples (default: all, 256 from a model)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--data", default=None,
+                   help="DGflow on images: labelled real shards for domain FD/KID before and after "
+                        "(default: the MNIST-5k shards for a generator trained on mnist)")
+    p.add_argument("--classifier", default=None,
+                   help="DGflow on images: feature classifier, folder or models:/NAME@ALIAS "
+                        "(default: the one jobs/evaluate.py trains once per dataset)")
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--experiment", default="fdrl-refine")
     args = p.parse_args(argv)

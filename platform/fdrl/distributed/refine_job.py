@@ -42,6 +42,41 @@ def quality(model, x: np.ndarray, seed: int, tracking_uri: Optional[str] = None)
     return {}
 
 
+def image_quality(model, base: np.ndarray, refined: np.ndarray, seed: int, data: Optional[str] = None,
+                  classifier: Optional[str] = None, tracking_uri: Optional[str] = None) -> tuple[dict, dict]:
+    """Images: domain FD / KID / precision / recall of the unrefined and the refined samples
+    against as many real images of the training set, in the feature space of the dataset's
+    classifier (the one ``jobs/evaluate.py`` uses, so FDRL and DGflow figures compare). The
+    reference is ``data`` (labelled shards), or the MNIST-5k shards for a generator trained on
+    mnist; a model with neither gets no image metrics: ({}, {})."""
+    from fdrl.config import default_storage
+    from fdrl.data.manifest import manifest_hash
+    from fdrl.eval.classifier import load_classifier
+    from fdrl.eval.evaluation import ensure_classifier, stage_metrics
+    from fdrl.eval.metrics import shard_batches
+
+    if data is None and model.info.get("dataset") == "mnist":
+        from fdrl.data.writer import ensure_mnist_shards
+        from fdrl.presets import MNIST_DATA
+
+        data = str(ensure_mnist_shards(MNIST_DATA))
+    if data is None:
+        return {}, {}
+    train = torch.cat(list(shard_batches(data)))
+    if tuple(train.shape[1:]) != tuple(model.data_shape):
+        raise ValueError(f"--data {data} holds {tuple(train.shape[1:])} images, the generator makes "
+                         f"{tuple(model.data_shape)}")
+    n = min(len(base), len(train) // 2)
+    classifier = classifier or ensure_classifier(data, default_storage(), manifest_hash(data))
+    features = load_classifier(classifier, tracking_uri).features
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+    real_a, real_b = train[order[:n]], train[order[n:2 * n]]
+    staged = {"before": torch.from_numpy(base[:n]), "after": torch.from_numpy(refined[:n])}
+    metrics = stage_metrics(features, staged, real_a, real_b, seed)
+    real = {f"real_{k}": v for k, v in metrics["real (baseline)"].items()}
+    return {**metrics["before"], **real}, metrics["after"]
+
+
 def plot_2d(base: np.ndarray, refined: np.ndarray, path: Path, title: str, dataset: Optional[str]):
     import matplotlib
     matplotlib.use("Agg")
@@ -136,8 +171,15 @@ def dgflow_main(args) -> int:
     s = run.settings
     title = f"{s.method}" + (f"-{s.f}" if s.method == "dgflow" else "") + f" ({s.space}, gamma {s.gamma})"
     paths = write_outputs(args.out, model, run, title)
-    before = quality(model, run.result.base.numpy(), args.seed)
-    after = quality(model, run.result.refined.numpy(), args.seed)
+    base, refined = run.result.base.numpy(), run.result.refined.numpy()
+    if tuple(model.data_shape) == (2,):
+        before, after = quality(model, base, args.seed), quality(model, refined, args.seed)
+    else:
+        try:
+            before, after = image_quality(model, base, refined, args.seed, args.data, args.classifier,
+                                          args.tracking_uri)
+        except (FileNotFoundError, ValueError, LookupError) as err:
+            sys.exit(f"error: image metrics: {err}")
     curve = run.result.log_r.tolist()
     summary = {"before": before, "after": after, "steps": s.steps, "mean_log_ratio_start": curve[0],
                "mean_log_ratio_end": curve[-1], "n": len(run.result.refined)}
