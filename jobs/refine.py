@@ -11,7 +11,8 @@ refined with its discriminator (plus corrector) as the ratio exp(-d):
 ``--method dgflow|dot|ddls``, ``--f kl|js|logd``, ``--space latent|data``, ``--eta --gamma
 --steps N|auto``; defaults are the paper's (REFERENCE.md). Writes DIR/base.npy (unrefined, same
 latents) and DIR/samples.npy (refined), in data units, DIR/before_after.png (2D scatter or image
-grid), DIR/curve.json and curve.png (mean log-ratio estimate, -d, at every step), and logs a
+grid), DIR/curve.json and curve.png (mean log-ratio estimate, -d, at every step), DIR/metrics.json
+(2D: % high quality, modes, KDE; images: domain FD/KID against --data or MNIST-5k), and logs a
 refinement run to MLflow linked to the model version. Chunks are seeded per (seed, chunk index),
 so ``--workers`` never changes the arrays. ``--input samples.npy`` refines given samples in data
 space with the generator model's discriminator.
