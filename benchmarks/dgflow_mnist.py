@@ -41,6 +41,12 @@ def registered(uri: str, name: str) -> bool:
         return False
 
 
+def has_corrector(uri: str, name: str) -> bool:
+    from fdrl.tracking.generators import load_generator
+
+    return "corrector" in load_generator(f"models:/{name}@candidate", uri).nets
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("runs/dgflow_mnist"))
@@ -62,6 +68,7 @@ def main():
     if not registered(uri, "vae-mnist"):
         job("train_gan", "--dataset", "mnist", "--model", "vae", "--steps", args.vae_steps,
             "--seed", args.seed, "--threads", args.threads, "--storage", out / "generators", *common)
+    if not has_corrector(uri, "vae-mnist"):
         job("train_corrector", "--generator", "models:/vae-mnist@candidate",
             "--reference", "models:/gan-mnist@candidate", "--iters", args.corrector_iters,
             "--seed", args.seed, *common)
