@@ -56,6 +56,7 @@ def main():
     p.add_argument("--n", type=int, default=1000, help="samples refined and scored per row")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--fs", nargs="+", default=list(FS), choices=FS, help="DGflow f-divergences to run")
     args = p.parse_args()
 
     out = args.out.resolve()
@@ -74,7 +75,7 @@ def main():
             "--seed", args.seed, *common)
     rows = []
     for model in ("gan-mnist", "vae-mnist"):
-        for f in FS:
+        for f in args.fs:
             target = out / f"{model}-{f}"
             if not (target / "metrics.json").exists():
                 job("refine", "--generator", f"models:/{model}@candidate", "--f", f, "--n", args.n,
