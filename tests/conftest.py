@@ -14,6 +14,21 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="session")
+def labelled_mnist(tmp_path_factory):
+    """256 MNIST digits as labelled shards and a 1-epoch feature classifier on them:
+    dict(shards=folder, classifier=folder)."""
+    from fdrl.data.writer import convert
+    from fdrl.eval.classifier import load_labeled, save_classifier, train_classifier
+
+    tmp = tmp_path_factory.mktemp("labelled-mnist")
+    convert("mnist", None, tmp / "shards", shard_size=64, limit=256, progress=False)
+    images, labels, keys = load_labeled(tmp / "shards")
+    classifier = save_classifier(train_classifier(images, labels, keys, epochs=1, log=None).model,
+                                 tmp / "clf")
+    return dict(shards=tmp / "shards", classifier=classifier)
+
+
+@pytest.fixture(scope="session")
 def register_random_model():
     """A function that saves a randomly initialised FDRL network of ``cfg.arch`` as a training
     checkpoint under ``root``, fits a full prior on ``prior_images`` if given, and registers both

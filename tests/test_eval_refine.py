@@ -11,8 +11,6 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from fdrl.config import TrainConfig
-from fdrl.data.writer import convert
-from fdrl.eval.classifier import load_labeled, save_classifier, train_classifier
 from fdrl.eval.metrics import shard_batches
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,13 +18,10 @@ pytestmark = pytest.mark.timeout(600)
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, register_random_model):
+def setup(tmp_path_factory, register_random_model, labelled_mnist):
     tmp = tmp_path_factory.mktemp("evalrefine")
     uri = f"sqlite:///{tmp}/mlflow.db"
-    shards = tmp / "shards"
-    convert("mnist", None, shards, shard_size=64, limit=256, progress=False)
-    images, labels, keys = load_labeled(shards)
-    clf = save_classifier(train_classifier(images, labels, keys, epochs=1, log=None).model, tmp / "clf")
+    shards, clf = labelled_mnist["shards"], labelled_mnist["classifier"]
 
     cfg = TrainConfig(data=str(shards), dataset="mnist", arch="mnist32", prior="full",
                       flow_steps=3, extra_steps=2, eta=1.0, nu=0.01)
@@ -109,15 +104,15 @@ class _Fixed:
         return self.images[:n].to(device)
 
 
-def test_domain_kid_ranks_real_images_above_noise(setup):
+def test_domain_kid_ranks_real_images_above_noise(setup, labelled_mnist):
     from fdrl.core.divergences import get_pairing
     from fdrl.core.flow import FlowSettings
     from fdrl.data.manifest import open_shard_set
     from fdrl.eval.evaluation import DomainKID
     from fdrl.eval.metrics import shard_batches
 
-    tmp, _, clf = setup
-    shards = tmp / "shards"
+    _, _, clf = setup
+    shards = labelled_mnist["shards"]
     kid = DomainKID(clf, open_shard_set(shards), n=64, seed=0, device="cpu")
     images = torch.cat(list(shard_batches(shards)))
     # The evaluator's real set is the seed-0 stream's first 64 images; compare other real ones.

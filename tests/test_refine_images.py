@@ -11,7 +11,6 @@ from mlflow.tracking import MlflowClient
 
 from fdrl.core.generator_nets import build_net
 from fdrl.data.writer import convert
-from fdrl.eval.classifier import load_labeled, save_classifier, train_classifier
 from fdrl.tracking.generators import log_generator
 from fdrl.tracking.tracker import Tracker
 
@@ -19,13 +18,10 @@ pytestmark = pytest.mark.timeout(600)
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory, load_job):
+def store(tmp_path_factory, load_job, labelled_mnist):
     tmp = tmp_path_factory.mktemp("refine-images")
     uri = f"sqlite:///{tmp}/mlflow.db"
-    shards = tmp / "shards"
-    convert("mnist", None, shards, shard_size=64, limit=256, progress=False)
-    images, labels, keys = load_labeled(shards)
-    clf = save_classifier(train_classifier(images, labels, keys, epochs=1, log=None).model, tmp / "clf")
+    shards, clf = labelled_mnist["shards"], labelled_mnist["classifier"]
     g_spec, d_spec = {"arch": "dcgan_g", "latent_dim": 16}, {"arch": "dcgan_d"}
     torch.manual_seed(0)
     nets = {"generator": (g_spec, build_net(g_spec)), "discriminator": (d_spec, build_net(d_spec))}
