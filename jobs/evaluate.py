@@ -104,23 +104,14 @@ def has_labels(data) -> bool:
 
 def _domain_metrics(args, data, staged, results: dict, out: Path) -> None:
     """Domain FD/KID/precision/recall in the classifier's feature space, and neighbour grids."""
-    from fdrl.data.manifest import manifest_hash
-    from fdrl.eval.classifier import load_classifier
-    from fdrl.eval.evaluation import ensure_classifier, stage_metrics
-    from fdrl.eval.metrics import shard_batches
     from fdrl.config import default_storage
+    from fdrl.eval.evaluation import domain_reference, stage_metrics
 
-    n = min(args.n, args.domain_n)
-    train = torch.cat(list(shard_batches(data)))
-    if len(train) < 2 * n:
-        raise ValueError(f"{data} has {len(train)} images; need 2 x --n = {2 * n}")
-    classifier = args.classifier or ensure_classifier(data, default_storage(), manifest_hash(data))
-    features = load_classifier(classifier, args.tracking_uri).features
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))
-    real_a, real_b = train[order[:n]], train[order[n:2 * n]]
-    for stage, m in stage_metrics(features, staged["samples"], real_a, real_b, args.seed).items():
+    ref = domain_reference(data, min(args.n, args.domain_n), args.seed, default_storage(),
+                           args.classifier, args.tracking_uri)
+    for stage, m in stage_metrics(ref.features, staged["samples"], ref.real_a, ref.real_b, args.seed).items():
         results.setdefault(stage, {}).update(m)
-    _neighbour_grids(staged["samples"]["K+kappa"][:8], train, features, out)
+    _neighbour_grids(staged["samples"]["K+kappa"][:8], ref.train, ref.features, out)
 
 
 def _standard_fid(args, model, data, flow) -> dict:

@@ -50,10 +50,8 @@ def image_quality(model, base: np.ndarray, refined: np.ndarray, seed: int, data:
     reference is ``data`` (labelled shards), or the MNIST-5k shards for a generator trained on
     mnist; a model with neither gets no image metrics: ({}, {})."""
     from fdrl.config import default_storage
-    from fdrl.data.manifest import manifest_hash
-    from fdrl.eval.classifier import load_classifier
-    from fdrl.eval.evaluation import ensure_classifier, stage_metrics
-    from fdrl.eval.metrics import shard_batches
+    from fdrl.data.manifest import open_shard_set
+    from fdrl.eval.evaluation import domain_reference, stage_metrics
 
     if data is None and model.info.get("dataset") == "mnist":
         from fdrl.data.writer import ensure_mnist_shards
@@ -62,17 +60,14 @@ def image_quality(model, base: np.ndarray, refined: np.ndarray, seed: int, data:
         data = str(ensure_mnist_shards(MNIST_DATA))
     if data is None:
         return {}, {}
-    train = torch.cat(list(shard_batches(data)))
-    if tuple(train.shape[1:]) != tuple(model.data_shape):
-        raise ValueError(f"--data {data} holds {tuple(train.shape[1:])} images, the generator makes "
+    shard_set = open_shard_set(data)
+    if tuple(shard_set.shape) != tuple(model.data_shape):
+        raise ValueError(f"--data {data} holds {tuple(shard_set.shape)} images, the generator makes "
                          f"{tuple(model.data_shape)}")
-    n = min(len(base), len(train) // 2)
-    classifier = classifier or ensure_classifier(data, default_storage(), manifest_hash(data))
-    features = load_classifier(classifier, tracking_uri).features
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
-    real_a, real_b = train[order[:n]], train[order[n:2 * n]]
+    n = min(len(base), shard_set.total // 2)
+    ref = domain_reference(data, n, seed, default_storage(), classifier, tracking_uri)
     staged = {"before": torch.from_numpy(base[:n]), "after": torch.from_numpy(refined[:n])}
-    metrics = stage_metrics(features, staged, real_a, real_b, seed)
+    metrics = stage_metrics(ref.features, staged, ref.real_a, ref.real_b, seed)
     real = {f"real_{k}": v for k, v in metrics["real (baseline)"].items()}
     return {**metrics["before"], **real}, metrics["after"]
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -56,6 +56,32 @@ def ensure_classifier(shard_dir: str | Path, storage: Path, manifest: str, epoch
 
 
 # ------------------------------------------------------------------ offline model evaluation
+
+
+@dataclasses.dataclass
+class DomainReference:
+    """The real side of the domain metrics of one shard set."""
+
+    features: Callable[[torch.Tensor], torch.Tensor]  # the classifier's feature map
+    train: torch.Tensor  # every image of the shard set
+    real_a: torch.Tensor  # n images the samples are compared with
+    real_b: torch.Tensor  # n other images: the real-vs-real baseline
+
+
+def domain_reference(data: str | Path, n: int, seed: int, storage: Path, classifier: Optional[str] = None,
+                     tracking_uri: Optional[str] = None) -> DomainReference:
+    """All images of ``data``, two disjoint seeded sets of ``n``, and the feature map of
+    ``classifier`` (default: the dataset's own, trained once per manifest under ``storage``)."""
+    from fdrl.data.manifest import manifest_hash
+    from fdrl.eval.metrics import shard_batches
+
+    train = torch.cat(list(shard_batches(data)))
+    if len(train) < 2 * n:
+        raise ValueError(f"{data} has {len(train)} images; need 2 x --n = {2 * n}")
+    classifier = classifier or ensure_classifier(data, storage, manifest_hash(data))
+    features = load_classifier(classifier, tracking_uri).features
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+    return DomainReference(features, train, train[order[:n]], train[order[n:2 * n]])
 
 
 def flow_stages(model, n: int, seed: int, flow: FlowSettings) -> dict:
