@@ -1,8 +1,10 @@
 """How steady is this machine's conv throughput? A 128-channel conv3x3 (batch 8, 32x32,
 channels_last, 1 thread) runs for --seconds on one core and prints GFLOP/s per 2 s window.
 With --neighbour, a second process runs the same conv on the other core during the middle third,
-so a window with and without a busy neighbour can be compared in one run.
-Usage: python benchmarks/bf16_steadiness.py [--dtype bf16|fp32] [--seconds 42] [--neighbour]"""
+so a window with and without a busy neighbour can be compared in one run. With --both, one
+process per core runs for the whole time and each prints its own windows: do the two cores of
+this VM run at one speed at the same moment?
+Usage: python benchmarks/bf16_steadiness.py [--dtype bf16|fp32] [--seconds 42] [--neighbour | --both]"""
 
 import argparse
 import os
@@ -39,11 +41,23 @@ def main():
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     p.add_argument("--seconds", type=float, default=42.0)
     p.add_argument("--neighbour", action="store_true")
+    p.add_argument("--both", action="store_true", help="one process per core, side by side")
     p.add_argument("--child", type=float, default=0.0, help=argparse.SUPPRESS)
+    p.add_argument("--print-core", type=int, default=-1, help=argparse.SUPPRESS)
     args = p.parse_args()
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     if args.child:
-        windows(dtype, args.child)
+        result = windows(dtype, args.child)
+        if args.print_core >= 0:
+            print(f"core {args.print_core}: " + " ".join(f"{g:.0f}" for _, g in result), flush=True)
+        return
+    if args.both:
+        print(f"{args.dtype} conv3x3 GFLOP/s per 2 s window, one process pinned to each core, same clock:")
+        cores = sorted(os.sched_getaffinity(0))[:2]
+        procs = [subprocess.Popen(["taskset", "-c", str(c), sys.executable, __file__, "--dtype", args.dtype,
+                                   "--child", str(args.seconds), "--print-core", str(c)]) for c in cores]
+        for proc in procs:
+            proc.wait()
         return
     if hasattr(os, "sched_setaffinity") and os.cpu_count() and os.cpu_count() > 1:
         os.sched_setaffinity(0, {0})

@@ -5,22 +5,47 @@ each) run the FDRL training step of the cifar10 net (batch 8, K = 5, LSIF-chi2),
 * ``solo``     independent processes, no process group (what two unsynchronised jobs get);
 * ``pg``       a gloo process group exists, nothing is exchanged;
 * ``barrier``  a gloo barrier once per step (no gradient bytes: lockstep alone);
-* ``ddp``      DistributedDataParallel, as training runs.
+* ``ddp``      DistributedDataParallel, as training runs;
+* ``pin``      DDP, each rank pinned to its own core;
+* ``rotate``   DDP, the ranks take turns on the cores: every 50 ms each moves every thread to the
+               next core, in step by the shared monotonic clock (tried in the Ray Train worker
+               too: BENCHMARKS.md, issue 11).
 
 Prints each rank's median seconds per step and per flow, and the time of one all-reduce of
 the whole gradient. ``--world 1`` gives the single-process reference.
 
-Usage: python benchmarks/lockstep.py --modes solo pg barrier ddp [--precision bf16] [--steps 14]
+Usage: python benchmarks/lockstep.py --modes solo pg barrier ddp pin rotate [--precision bf16] [--steps 14]
 """
 
 import argparse
 import os
 import statistics
+import threading
 import time
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+
+ROTATE_PERIOD_S = 0.05
+
+
+def rotate_cores(rank: int, cores: list[int]) -> None:
+    """Background thread: at every period boundary, rank r moves all its threads to core
+    (r + tick) mod len(cores); every rank reads the same clock, so no two share a core."""
+    def loop():
+        while True:
+            tick = int(time.monotonic() / ROTATE_PERIOD_S)
+            core = {cores[(rank + tick) % len(cores)]}
+            for tid in os.listdir("/proc/self/task"):
+                try:
+                    os.sched_setaffinity(int(tid), core)
+                except OSError:
+                    pass
+            time.sleep(ROTATE_PERIOD_S - time.monotonic() % ROTATE_PERIOD_S)
+
+    threading.Thread(target=loop, daemon=True).start()
 
 
 def worker(rank, world, mode, precision, steps, port, queue):
@@ -33,6 +58,11 @@ def worker(rank, world, mode, precision, steps, port, queue):
     from fdrl.core.step import make_state, train_step
 
     torch.set_num_threads(1)
+    cores = sorted(os.sched_getaffinity(0))
+    if mode == "pin":
+        os.sched_setaffinity(0, {cores[rank % len(cores)]})
+    elif mode == "rotate" and world > 1:
+        rotate_cores(rank, cores)
     grouped = mode != "solo" and world > 1
     if grouped:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -41,7 +71,8 @@ def worker(rank, world, mode, precision, steps, port, queue):
     module = build_network("cifar10")
     if precision == "bf16":
         module = to_channels_last(module)
-    model = torch.nn.parallel.DistributedDataParallel(module) if grouped and mode == "ddp" else module
+    ddp = grouped and mode in ("ddp", "pin", "rotate")
+    model = torch.nn.parallel.DistributedDataParallel(module) if ddp else module
     state = make_state(model, 2e-4, module=module)
     flow_times, run_flow = [], stepmod.run_flow
 
