@@ -5,6 +5,7 @@ each) run the FDRL training step of the cifar10 net (batch 8, K = 5, LSIF-chi2),
 * ``solo``     independent processes, no process group (what two unsynchronised jobs get);
 * ``pg``       a gloo process group exists, nothing is exchanged;
 * ``barrier``  a gloo barrier once per step (no gradient bytes: lockstep alone);
+* ``spin``     the same barrier, awaited by polling (the waiting core never idles);
 * ``ddp``      DistributedDataParallel, as training runs;
 * ``pin``      DDP, each rank pinned to its own core;
 * ``rotate``   DDP, the ranks take turns on the cores: every 50 ms each moves every thread to the
@@ -91,6 +92,10 @@ def worker(rank, world, mode, precision, steps, port, queue):
     for _ in range(steps):
         if grouped and mode == "barrier":
             dist.barrier()
+        elif grouped and mode == "spin":
+            work = dist.barrier(async_op=True)
+            while not work.is_completed():
+                pass
         start = time.perf_counter()
         train_step(state, data, prior, pairing, flow, gen)
         times.append(time.perf_counter() - start)
@@ -104,7 +109,7 @@ def worker(rank, world, mode, precision, steps, port, queue):
             spans.append(time.perf_counter() - start)
         all_reduce = statistics.median(spans)
         dist.destroy_process_group()
-    # barrier mode times the step after the barrier: the wait itself is not counted
+    # barrier and spin modes time the step after the barrier: the wait itself is not counted
     queue.put((rank, statistics.median(times[2:]), statistics.median(flow_times[2:]), all_reduce))
 
 
