@@ -14,7 +14,7 @@ import dataclasses
 import json
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Optional
@@ -32,6 +32,7 @@ class ResolvedRun:
     run_dir: Path
     data_shape: tuple[int, int, int]
     prior_to_fit: bool  # the data-dependent prior is not cached yet: the launcher fits it first
+    shard_set: Any = field(default=None, repr=False, compare=False)  # the opened manifest, reused
 
     def to_dict(self) -> dict[str, Any]:
         return {"config": self.config.to_dict(), "run_dir": str(self.run_dir),
@@ -98,7 +99,7 @@ def resolve(cfg: TrainConfig, now: Optional[datetime] = None) -> ResolvedRun:
         run_name=run_name, source=str(Path(cfg.source).resolve()) if cfg.source else "",
         # Resolved here: workers run in other directories, where the sqlite default would differ.
         tracking_uri=cfg.tracking_uri or default_tracking_uri())
-    return ResolvedRun(resolved, storage / run_name, shard_set.shape, to_fit)
+    return ResolvedRun(resolved, storage / run_name, shard_set.shape, to_fit, shard_set)
 
 
 def ensure_prior(cfg: TrainConfig, shard_set, storage: Path) -> str:
@@ -239,7 +240,7 @@ def run_training(cfg: TrainConfig, callbacks: Optional[list] = None) -> RunResul
         ray.init()
     use_gpu = choose_gpu(cfg.gpu, ray.cluster_resources().get("GPU", 0))
     print(f"workers: {cfg.workers} x {'GPU (NCCL)' if use_gpu else 'CPU (gloo)'} (--gpu {cfg.gpu})")
-    shard_set = open_shard_set(cfg.data)
+    shard_set = run.shard_set
     if run.prior_to_fit:
         _fit_prior(cfg, shard_set, Path(cfg.prior_path))
     cfg = dataclasses.replace(cfg, fid_reference=ensure_fid_reference(cfg))

@@ -279,12 +279,10 @@ def _download(uri: str, tracking_uri: Optional[str], dst: str) -> tuple[Path, Op
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     hashes, ref = None, uri
     if uri.startswith("models:/"):
-        from fdrl.tracking.registry import TAG, _resolve, parse_model_uri
+        from fdrl.tracking.registry import registered_version
 
-        name, alias, ver = parse_model_uri(uri)
-        version = _resolve(client, name, alias, ver)  # lists what exists when it is missing
-        hashes = {k[len(TAG):]: v for k, v in version.tags.items() if k.startswith(TAG)}
-        ref, uri = f"models:/{name}/{version.version}", version.source
+        version, hashes = registered_version(client, uri)
+        ref, uri = f"models:/{version.name}/{version.version}", version.source
     if uri.startswith("runs:/"):
         run_id, _, path = uri[len("runs:/"):].partition("/")
         return Path(client.download_artifacts(run_id, path, dst)), hashes, ref

@@ -281,6 +281,14 @@ class VerifiedVersion:
         return f"{ARTIFACT_DIR}/{filename}" in self.hashes
 
 
+def registered_version(client, uri: str):
+    """(the model version ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` names, its sha256 tags
+    as {path in the model: hex digest}). A missing version's error lists what exists."""
+    name, alias, version = parse_model_uri(uri)
+    mv = _resolve(client, name, alias, version)
+    return mv, {k[len(TAG):]: v for k, v in mv.tags.items() if k.startswith(TAG)}
+
+
 @contextmanager
 def verified_version(uri: str, tracking_uri: Optional[str] = None) -> Iterator[VerifiedVersion]:
     """Resolve ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` and download its artifacts
@@ -291,9 +299,8 @@ def verified_version(uri: str, tracking_uri: Optional[str] = None) -> Iterator[V
 
     tracking_uri = tracking_uri or default_tracking_uri()
     client = _client(tracking_uri)
-    name, alias, version = parse_model_uri(uri)
-    mv = _resolve(client, name, alias, version)
-    hashes = {k[len(TAG):]: v for k, v in mv.tags.items() if k.startswith(TAG)}
+    mv, hashes = registered_version(client, uri)
+    name = mv.name
     root = client.get_model_version_download_uri(name, mv.version).rstrip("/")
     with tempfile.TemporaryDirectory(prefix="fdrl-load-") as tmp:
         local = Path(download_artifacts(artifact_uri=f"{root}/{ARTIFACT_DIR}", dst_path=tmp,
