@@ -30,9 +30,12 @@ FITTED_PRIORS = ("full", "lowrank")
 class ResolvedRun:
     config: TrainConfig  # every path absolute, run name, network and prior path filled in
     run_dir: Path
-    data_shape: tuple[int, int, int]
     prior_to_fit: bool  # the data-dependent prior is not cached yet: the launcher fits it first
-    shard_set: Any = field(default=None, repr=False, compare=False)  # the opened manifest, reused
+    shard_set: Any = field(repr=False, compare=False)  # the opened manifest; run_training reuses it
+
+    @property
+    def data_shape(self) -> tuple[int, int, int]:
+        return self.shard_set.shape
 
     def to_dict(self) -> dict[str, Any]:
         return {"config": self.config.to_dict(), "run_dir": str(self.run_dir),
@@ -99,7 +102,7 @@ def resolve(cfg: TrainConfig, now: Optional[datetime] = None) -> ResolvedRun:
         run_name=run_name, source=str(Path(cfg.source).resolve()) if cfg.source else "",
         # Resolved here: workers run in other directories, where the sqlite default would differ.
         tracking_uri=cfg.tracking_uri or default_tracking_uri())
-    return ResolvedRun(resolved, storage / run_name, shard_set.shape, to_fit, shard_set)
+    return ResolvedRun(resolved, storage / run_name, to_fit, shard_set)
 
 
 def ensure_prior(cfg: TrainConfig, shard_set, storage: Path) -> str:
