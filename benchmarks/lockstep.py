@@ -8,6 +8,8 @@ each) run the FDRL training step of the cifar10 net (batch 8, K = 5, LSIF-chi2),
 * ``spin``     the same barrier, awaited by polling (the waiting core never idles);
 * ``ddp``      DistributedDataParallel, as training runs;
 * ``pin``      DDP, each rank pinned to its own core;
+* ``busy``     DDP, with an idle-priority (SCHED_IDLE) busy loop pinned to every core, so no
+               vCPU halts while the ranks wait (tried on the Ray Train path too: BENCHMARKS.md);
 * ``rotate``   DDP, the ranks take turns on the cores: every 50 ms each moves every thread to the
                next core, in step by the shared monotonic clock (tried in the Ray Train worker
                too: BENCHMARKS.md, issue 11).
@@ -15,7 +17,7 @@ each) run the FDRL training step of the cifar10 net (batch 8, K = 5, LSIF-chi2),
 Prints each rank's median seconds per step and per flow, and the time of one all-reduce of
 the whole gradient. ``--world 1`` gives the single-process reference.
 
-Usage: python benchmarks/lockstep.py --modes solo pg barrier ddp pin rotate [--precision bf16] [--steps 14]
+Usage: python benchmarks/lockstep.py --modes solo pg barrier ddp pin rotate busy [--precision bf16] [--steps 14]
 """
 
 import argparse
@@ -49,6 +51,21 @@ def rotate_cores(rank: int, cores: list[int]) -> None:
     threading.Thread(target=loop, daemon=True).start()
 
 
+def idle_spinner(core: int):
+    """A busy loop pinned to ``core`` at SCHED_IDLE: it runs only when the core would idle."""
+    import multiprocessing
+
+    def spin():
+        os.sched_setaffinity(0, {core})
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        while True:
+            pass
+
+    proc = multiprocessing.get_context("fork").Process(target=spin, daemon=True)
+    proc.start()
+    return proc
+
+
 def worker(rank, world, mode, precision, steps, port, queue):
     import fdrl.core.step as stepmod
     from fdrl.core.acceleration import to_channels_last
@@ -64,6 +81,7 @@ def worker(rank, world, mode, precision, steps, port, queue):
         os.sched_setaffinity(0, {cores[rank % len(cores)]})
     elif mode == "rotate" and world > 1:
         rotate_cores(rank, cores)
+    spinners = [idle_spinner(core) for core in cores] if mode == "busy" and rank == 0 else []
     grouped = mode != "solo" and world > 1
     if grouped:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -72,7 +90,7 @@ def worker(rank, world, mode, precision, steps, port, queue):
     module = build_network("cifar10")
     if precision == "bf16":
         module = to_channels_last(module)
-    ddp = grouped and mode in ("ddp", "pin", "rotate")
+    ddp = grouped and mode in ("ddp", "pin", "rotate", "busy")
     model = torch.nn.parallel.DistributedDataParallel(module) if ddp else module
     state = make_state(model, 2e-4, module=module)
     flow_times, run_flow = [], stepmod.run_flow
@@ -109,6 +127,8 @@ def worker(rank, world, mode, precision, steps, port, queue):
             spans.append(time.perf_counter() - start)
         all_reduce = statistics.median(spans)
         dist.destroy_process_group()
+    for proc in spinners:
+        proc.kill()
     # barrier and spin modes time the step after the barrier: the wait itself is not counted
     queue.put((rank, statistics.median(times[2:]), statistics.median(flow_times[2:]), all_reduce))
 
