@@ -46,14 +46,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
 
-    import ray
+    from fdrl.workflows.priors import fit_prior_distributed
 
-    from fdrl.distributed.prior_fit import fit_prior_distributed
-
-    if not ray.is_initialized():
-        ray.init()  # RAY_ADDRESS, or the cluster of a `ray job submit`, else a local Ray
-    prior, seconds = fit_prior_distributed(shard_set, args.kind, rank=args.rank,
-                                           tasks=args.tasks, seed=args.seed)
+    # On RAY_ADDRESS's cluster, or the cluster of a `ray job submit`, else a local Ray.
+    try:
+        prior, seconds = fit_prior_distributed(shard_set, args.kind, rank=args.rank,
+                                               tasks=args.tasks, seed=args.seed)
+    except (OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     prior.save(out)

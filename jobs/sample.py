@@ -28,7 +28,7 @@ import json
 import sys
 from pathlib import Path
 
-from fdrl.distributed.sampling import CHUNK, sample_to_dir
+from fdrl.core.chunks import CHUNK
 
 
 def main(argv=None) -> int:
@@ -51,8 +51,8 @@ def main(argv=None) -> int:
     p.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI or ./mlflow.db")
     args = p.parse_args(argv)
 
-    from fdrl.distributed.composed import conditional_to_dir, translate_to_dir
     from fdrl.tracking.registry import ModelNotFoundError, TamperedArtifactError
+    from fdrl.workflows.sample import conditional_to_dir, sample_to_dir, translate_to_dir
 
     if (args.classifier is None) != (args.label is None):
         p.error("--classifier and --label go together")

@@ -17,7 +17,9 @@ import sys
 
 
 def main(argv=None):
-    from fdrl.distributed.gan_worker import DATASETS, GenConfig, parse_betas, train_generator
+    from fdrl.distributed.gan_worker import DATASETS, GenConfig, parse_betas
+    from fdrl.distributed.trainer import RunFailed
+    from fdrl.workflows.generators import train_generator
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", choices=DATASETS, required=True)
@@ -36,7 +38,9 @@ def main(argv=None):
     p.add_argument("--register-name", default="")
     p.add_argument("--experiment", default="fdrl-generators")
     p.add_argument("--tracking-uri", default="")
-    p.add_argument("--storage", default="runs/generators")
+    p.add_argument("--max-failures", type=int, default=2,
+                   help="restarts from the last checkpoint after a lost worker")
+    p.add_argument("--storage", default="", help="checkpoints (default: $FDRL_HOME/runs/generators)")
     args = p.parse_args(argv)
 
     mnist, vae = args.dataset == "mnist", args.model == "vae"
@@ -49,12 +53,15 @@ def main(argv=None):
         loss="hinge" if mnist else "wgan-gp", width=args.width,
         latent_dim=args.latent_dim or (16 if vae else 64 if mnist else 2), threads=args.threads,
         log_every=args.log_every, experiment=args.experiment, tracking_uri=args.tracking_uri,
-        register_name=args.register_name, storage=args.storage)
+        register_name=args.register_name, storage=args.storage, max_failures=args.max_failures)
     try:
         cfg.validate()
     except ValueError as err:
         sys.exit(f"error: {err}")
-    out = train_generator(cfg)
+    try:
+        out = train_generator(cfg)
+    except RunFailed as err:
+        sys.exit(f"error: {err}")
     print(json.dumps({k: v for k, v in out.items() if k != "config"}))
     return 0
 

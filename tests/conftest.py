@@ -38,7 +38,7 @@ def register_random_model():
     from fdrl.core.networks import build_network
     from fdrl.core.priors import Moments, fit_full
     from fdrl.core.step import make_state
-    from fdrl.distributed.checkpoint import save_checkpoint
+    from fdrl.data.checkpoint import save_checkpoint
     from fdrl.tracking.registry import log_fdrl_model
     from fdrl.tracking.tracker import Tracker
 
@@ -103,3 +103,34 @@ def register_toy_generators():
         return dict(root=root, uri=uri, run_id=run_id)
 
     return register
+
+
+@pytest.fixture(scope="session")
+def hooks():
+    """tests/train_hooks.py: test-only wrappers of the production training loop, registered to
+    be pickled by value so Ray workers (which cannot import test modules) receive them whole."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    import cloudpickle
+
+    name = "fdrl_test_train_hooks"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("train_hooks.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        cloudpickle.register_pickle_by_value(module)
+    return sys.modules[name]
+
+
+@pytest.fixture(scope="session")
+def train():
+    """``train(cfg, **kw)``: resolve, check and run a training config as a job does."""
+    from fdrl.workflows.train import check_run, resolve, run_training
+
+    def run(cfg, **kwargs):
+        return run_training(check_run(resolve(cfg)), **kwargs)
+
+    return run

@@ -11,7 +11,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from fdrl.config import TrainConfig
-from fdrl.eval.metrics import shard_batches
+from fdrl.data.stream import shard_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(600)
@@ -109,7 +109,7 @@ def test_domain_kid_ranks_real_images_above_noise(setup, labelled_mnist):
     from fdrl.core.flow import FlowSettings
     from fdrl.data.manifest import open_shard_set
     from fdrl.eval.evaluation import DomainKID
-    from fdrl.eval.metrics import shard_batches
+    from fdrl.data.stream import shard_batches
 
     _, _, clf = setup
     shards = labelled_mnist["shards"]

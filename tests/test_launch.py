@@ -12,8 +12,7 @@ import pytest
 from fdrl.cli import parse_train_args, train_main
 from fdrl.config import INTERNAL_FIELDS, TrainConfig, field_help, user_fields
 from fdrl.core.priors import make_simple_prior
-from fdrl.distributed.launch import (check_run, choose_gpu, prior_file_shape, resolve)
-from fdrl.distributed.worker import RUN_INFO
+from fdrl.workflows.train import RUN_INFO, check_run, choose_gpu, prior_file_shape, resolve
 
 
 @pytest.fixture(scope="module")
@@ -83,15 +82,24 @@ def test_every_user_field_has_a_flag_with_its_description(capsys):
         assert "--" + name.replace("_", "-") not in text
 
 
-@pytest.mark.parametrize("flag", ["--fail-at-step=3", "--mlflow-run-id=x", "--marker-dir=/tmp"])
+@pytest.mark.parametrize("flag", ["--fid-reference=x", "--mlflow-parent-run-id=x", "--fail-at-step=3"])
 def test_launcher_internal_fields_are_not_flags(flag):
     with pytest.raises(SystemExit):
         parse_train_args(TrainConfig(), "desc", [flag])
 
 
 def test_internal_fields_of_the_preset_survive_parsing():
-    cfg, _ = parse_train_args(TrainConfig(fail_at_step=3), "desc", ["--steps", "7"])
-    assert cfg.fail_at_step == 3 and cfg.steps == 7
+    cfg, _ = parse_train_args(TrainConfig(fid_reference="ref"), "desc", ["--steps", "7"])
+    assert cfg.fid_reference == "ref" and cfg.steps == 7
+
+
+def test_configs_of_older_versions_still_load():
+    """Checkpoints and registered models keep the config they were trained with: fields since
+    retired are dropped on reading, unknown ones are still refused."""
+    old = {**TrainConfig().to_dict(), "mlflow_run_id": "abc", "fail_at_step": -1, "marker_dir": ""}
+    assert TrainConfig.from_dict(old) == TrainConfig()
+    with pytest.raises(ValueError, match="unknown config fields: bogus"):
+        TrainConfig.from_dict({"bogus": 1})
 
 
 def test_hflip_flag_and_gpu_flag_parse():

@@ -18,7 +18,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from fdrl.distributed.checkpoint import save_checkpoint
+from fdrl.data.checkpoint import save_checkpoint
 from fdrl.config import TrainConfig
 from fdrl.core.networks import build_network
 from fdrl.core.priors import Moments, UniformPrior, fit_full

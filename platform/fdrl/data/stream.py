@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .manifest import ShardSet
+from .manifest import ShardSet, open_shard_set
 
 log = logging.getLogger(__name__)
 
@@ -188,3 +188,23 @@ class ShardStream:
         it = self.samples()
         while True:
             yield torch.stack([next(it)[0] for _ in range(batch_size)])
+
+
+def shard_batches(data: str | ShardSet, batch_size: int = 256,
+                  limit: Optional[int] = None) -> Iterator[torch.Tensor]:
+    """A shard set's images (``data``: the set or its folder) in manifest order as float batches
+    (N, C, H, W) in [-1, 1], at most ``limit`` images."""
+    shard_set = data if isinstance(data, ShardSet) else open_shard_set(data)
+    buf: list[torch.Tensor] = []
+    emitted = 0
+    for _, _, image in iter_samples(shard_set, StreamStats()):
+        buf.append(image)
+        if limit is not None and emitted + len(buf) >= limit:
+            yield torch.stack(buf[:limit - emitted])
+            return
+        if len(buf) == batch_size:
+            yield torch.stack(buf)
+            emitted += len(buf)
+            buf = []
+    if buf:
+        yield torch.stack(buf)

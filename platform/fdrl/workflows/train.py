@@ -1,11 +1,12 @@
-"""The training launcher (driver side).
+"""The training launcher (driver side): what every training job does.
 
 ``resolve`` turns the user's config into the exact run (paths, run name, network, prior file,
 tracking URI) without side effects; ``--dry-run`` prints it. ``check_run`` checks that run against
-the data, the prior file, the storage and the cluster, on the driver, before any worker starts:
-a configuration error is raised once, never retried by ``FailureConfig``. ``run_training`` then
-fits the prior once per dataset, opens the MLflow run, starts a TorchTrainer over
-``worker.train_loop_per_worker`` and registers the final EMA model.
+the data, the prior file, the evaluation inputs and the storage before any worker starts, so a
+configuration error is reported once and never retried. ``run_training`` takes that checked run:
+it fits the prior once per dataset, prepares the FID reference and the evaluation classifier,
+opens the MLflow run, trains (``fdrl.distributed.trainer``), logging every report of rank 0 and
+printing its step line, and registers the final EMA model.
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from fdrl.config import TrainConfig, storage_root
-from fdrl.data.manifest import manifest_hash, open_shard_set
-from fdrl.distributed.worker import RUN_INFO, train_loop_per_worker
+from fdrl.data.manifest import ShardSet, manifest_hash, open_shard_set
+from fdrl.workflows.priors import FITTED_PRIORS, ensure_prior, prior_cache_path
 
-FITTED_PRIORS = ("full", "lowrank")
+RUN_INFO = "fdrl_run.json"  # in the run folder: the MLflow run id and the config, for --resume
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,7 @@ class ResolvedRun:
     config: TrainConfig  # every path absolute, run name, network and prior path filled in
     run_dir: Path
     prior_to_fit: bool  # the data-dependent prior is not cached yet: the launcher fits it first
-    shard_set: Any = field(repr=False, compare=False)  # the opened manifest; run_training reuses it
+    shard_set: ShardSet = field(repr=False, compare=False)  # the opened manifest
 
     @property
     def data_shape(self) -> tuple[int, int, int]:
@@ -44,9 +45,9 @@ class ResolvedRun:
 
 @dataclass(frozen=True)
 class RunResult:
-    config: TrainConfig  # the resolved config the workers ran with
+    config: TrainConfig  # the config the workers ran with
     run_dir: Path  # checkpoints, sample grids, fdrl_run.json
-    checkpoint: Optional[str]  # the last checkpoint's directory
+    checkpoint: Optional[str]  # the last checkpoint's folder
     mlflow_run_id: str  # empty when MLflow was unreachable
     model_uri: Optional[str]  # models:/NAME@candidate once registered
     wall_seconds: float
@@ -58,8 +59,7 @@ class RunResult:
         return sorted((self.run_dir / "samples").glob("*.png"))
 
 
-def prior_cache_path(cfg: TrainConfig, data: Path, storage: Path) -> Path:
-    return storage / "priors" / f"{manifest_hash(data)[:16]}-{cfg.prior}-{cfg.prior_rank}.safetensors"
+# ------------------------------------------------------------------------------- resolve, check
 
 
 def _run_name(cfg: TrainConfig, storage: Path, now: datetime) -> str:
@@ -84,8 +84,7 @@ def resolve(cfg: TrainConfig, now: Optional[datetime] = None) -> ResolvedRun:
     if not cfg.data:
         raise ValueError("--data PATH is required (a shard directory made by datasets/prepare.py)")
     shard_set = open_shard_set(cfg.data)  # a missing path fails here, on the driver, by name
-    data = shard_set.root.resolve()
-    storage = storage_root(cfg)
+    storage = Path(storage_root(cfg))
     arch = cfg.arch
     if arch == "auto":
         arch = generic_arch(shard_set.shape, cfg.net_widths or NET_SIZES[cfg.net_size])
@@ -93,36 +92,16 @@ def resolve(cfg: TrainConfig, now: Optional[datetime] = None) -> ResolvedRun:
     if prior_path:
         prior_path = str(Path(prior_path).expanduser().resolve())
     elif cfg.prior in FITTED_PRIORS:
-        cached = prior_cache_path(cfg, data, storage)
+        cached = prior_cache_path(cfg.prior, cfg.prior_rank, shard_set, str(storage))
         prior_path, to_fit = str(cached), not cached.exists()
-    cfg = dataclasses.replace(cfg, dataset=cfg.dataset or data.name)
+    cfg = dataclasses.replace(cfg, dataset=cfg.dataset or shard_set.root.name)
     run_name = _run_name(cfg, storage, now or datetime.now())
     resolved = dataclasses.replace(
-        cfg, data=str(data), storage=str(storage), arch=arch, prior_path=prior_path,
+        cfg, data=str(shard_set.root), storage=str(storage), arch=arch, prior_path=prior_path,
         run_name=run_name, source=str(Path(cfg.source).resolve()) if cfg.source else "",
         # Resolved here: workers run in other directories, where the sqlite default would differ.
         tracking_uri=cfg.tracking_uri or default_tracking_uri())
     return ResolvedRun(resolved, storage / run_name, to_fit, shard_set)
-
-
-def ensure_prior(cfg: TrainConfig, shard_set, storage: Path) -> str:
-    """Fit the data-dependent prior once per dataset manifest; returns its path ('' if none)."""
-    if cfg.prior_path or cfg.prior not in FITTED_PRIORS:
-        return cfg.prior_path
-    return _fit_prior(cfg, shard_set, prior_cache_path(cfg, shard_set.root, storage))
-
-
-def _fit_prior(cfg: TrainConfig, shard_set, path: Path) -> str:
-    if path.exists():
-        print(f"prior: reusing {path}")
-        return str(path)
-    from fdrl.distributed.prior_fit import fit_prior_distributed
-
-    prior, seconds = fit_prior_distributed(shard_set, cfg.prior, rank=cfg.prior_rank, seed=cfg.seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    prior.save(path)
-    print(f"prior: fitted {cfg.prior} Gaussian on {prior.count} images in {seconds:.1f} s -> {path}")
-    return str(path)
 
 
 def prior_file_shape(path: str | Path) -> tuple[int, ...]:
@@ -139,26 +118,27 @@ def prior_file_shape(path: str | Path) -> tuple[int, ...]:
     return tuple(json.loads(meta["shape"]))
 
 
-def _same_shape(left: str, left_shape, right: str, right_shape, advice: str) -> None:
+def same_shape(left: str, left_shape, right: str, right_shape, advice: str) -> None:
+    """One error naming both sides when two shapes differ."""
     if tuple(left_shape) != tuple(right_shape):
         raise ValueError(f"{left} shape {tuple(left_shape)} but {right} shape "
                          f"{tuple(right_shape)}: {advice}")
 
 
-def check_run(run: ResolvedRun) -> None:
-    """Configuration against data, prior file, evaluation inputs and storage (no cluster needed).
-    Each error names both sides."""
+def check_run(run: ResolvedRun) -> ResolvedRun:
+    """The run against its data, prior file, evaluation inputs and storage (no cluster needed).
+    Each error names both sides. Returns the run, which ``run_training`` then takes."""
     from fdrl.core.networks import network_input_shape
 
     cfg, shape = run.config, run.data_shape
-    _same_shape(f"network {cfg.arch!r} takes images of", network_input_shape(cfg.arch),
-                f"the data in {cfg.data} has", shape,
-                "choose a network for this data (--arch auto builds one for its shape) or prepare "
-                "the data at that shape")
+    same_shape(f"network {cfg.arch!r} takes images of", network_input_shape(cfg.arch),
+               f"the data in {cfg.data} has", shape,
+               "choose a network for this data (--arch auto builds one for its shape) or prepare "
+               "the data at that shape")
     if cfg.prior_path and not run.prior_to_fit:
-        _same_shape("prior has", prior_file_shape(cfg.prior_path), "the data has", shape,
-                    f"fit a prior on this dataset (datasets/fit_prior.py), or drop --prior-path "
-                    f"({cfg.prior_path})")
+        same_shape("prior has", prior_file_shape(cfg.prior_path), "the data has", shape,
+                   f"fit a prior on this dataset (datasets/fit_prior.py), or drop --prior-path "
+                   f"({cfg.prior_path})")
     if cfg.prior == "source":  # translation: the source domain's images must be the data's shape
         from fdrl.data.source_prior import check_domains
 
@@ -176,6 +156,7 @@ def check_run(run: ResolvedRun) -> None:
                              f"resume asks for {cfg.workers}: resume with --workers {before['workers']} "
                              "(the data order and RNG states are per worker)")
     _check_writable(Path(cfg.storage))
+    return run
 
 
 def _check_writable(storage: Path) -> None:
@@ -201,12 +182,15 @@ def choose_gpu(setting: str, cluster_gpus: float) -> bool:
     return cluster_gpus >= 1
 
 
+# ------------------------------------------------------------------------------- inputs of a run
+
+
 def ensure_fid_reference(cfg: TrainConfig) -> str:
     """With --fid: the reference statistics of fid_samples real images, computed once per
     dataset on Ray before the trainer starts (cached locally and in MLflow)."""
     if not cfg.fid or (cfg.fid_reference and Path(cfg.fid_reference).is_file()):
         return cfg.fid_reference
-    from fdrl.distributed.fid import ensure_reference
+    from fdrl.workflows.standard_fid import ensure_reference
 
     path, source = ensure_reference(cfg.data, limit=cfg.fid_samples, workers=cfg.workers,
                                     weights=cfg.fid_weights or None, tracking_uri=cfg.tracking_uri,
@@ -215,67 +199,95 @@ def ensure_fid_reference(cfg: TrainConfig) -> str:
     return str(path)
 
 
-def fit_tracked(trainer, tracker):
-    """``trainer.fit()`` and its wall seconds; the MLflow run is marked FAILED if it raises."""
-    start = time.perf_counter()
-    try:
-        result = trainer.fit()
-    except BaseException:
-        tracker.end("FAILED")
-        raise
-    return result, time.perf_counter() - start
+def ensure_eval_classifier(cfg: TrainConfig) -> str:
+    """--eval-classifier as a folder the workers read without MLflow: a registered classifier is
+    verified against its sha256 tags and saved under the storage once per version."""
+    if not cfg.eval_every:
+        return cfg.eval_classifier
+    from fdrl.tracking.classifiers import classifier_folder
+
+    return classifier_folder(cfg.eval_classifier, Path(cfg.storage) / "classifiers", cfg.tracking_uri)
 
 
-def run_training(cfg: TrainConfig, callbacks: Optional[list] = None) -> RunResult:
-    """Resolve and check ``cfg`` (left unchanged), fit the prior if needed, open the MLflow run and
-    train with a TorchTrainer. ``callbacks``: Ray Train user callbacks, e.g. Tune's report
-    callback in a sweep trial."""
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+# ------------------------------------------------------------------------------- the run itself
 
+
+def step_line(step: int, steps: int, metrics: dict) -> str:
+    """The one console line per report: progress, loss, the KL diagnostic, speed and ETA."""
+    eta = (steps - step) * metrics["step_time"]
+    return (f"step {step}/{steps} loss {metrics['loss']:+.4f} log r data {metrics['log_r_data']:+.3f} "
+            f"flowed {metrics['log_r_flowed']:+.3f} {metrics['images_per_s']:.1f} img/s "
+            f"ETA {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}")
+
+
+class Reports:
+    """Each report of rank 0, on the driver: its metrics and its sample grid to MLflow, its step
+    line to the console."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path, tracker):
+        self.cfg, self.run_dir, self.tracker = cfg, run_dir, tracker
+        self.last: dict = {}
+
+    def __call__(self, metrics: dict, checkpoint: Optional[str]) -> None:
+        step = int(metrics["step"])
+        self.last = metrics
+        self.tracker.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step)
+        if step % self.cfg.sample_every == 0 or step == self.cfg.steps:
+            grid = self.run_dir / "samples" / f"step_{step:07d}.png"
+            if grid.is_file():
+                self.tracker.log_artifact(grid, "samples")
+        print(step_line(step, self.cfg.steps, metrics), flush=True)
+
+
+def run_training(run: ResolvedRun, callbacks: Optional[list] = None,
+                 train_loop: Optional[Callable[[dict], None]] = None) -> RunResult:
+    """Train the run ``check_run`` passed. ``callbacks``: more Ray Train callbacks (Tune's report
+    callback in a sweep trial); ``train_loop``: the per-worker function (tests wrap it)."""
+    from fdrl.distributed.cluster import gpu_count
+    from fdrl.distributed.train_worker import train_loop_per_worker
+    from fdrl.distributed.trainer import RunFailed, TrainerSpec, fit
     from fdrl.tracking.tracker import Tracker, git_commit
 
-    run = resolve(cfg)
-    check_run(run)
     cfg = run.config
-    if not ray.is_initialized():
-        ray.init()
-    use_gpu = choose_gpu(cfg.gpu, ray.cluster_resources().get("GPU", 0))
+    use_gpu = choose_gpu(cfg.gpu, gpu_count())
     print(f"workers: {cfg.workers} x {'GPU (NCCL)' if use_gpu else 'CPU (gloo)'} (--gpu {cfg.gpu})")
-    shard_set = run.shard_set
     if run.prior_to_fit:
-        _fit_prior(cfg, shard_set, Path(cfg.prior_path))
-    cfg = dataclasses.replace(cfg, fid_reference=ensure_fid_reference(cfg))
+        ensure_prior(cfg.prior, cfg.prior_rank, cfg.seed, run.shard_set, cfg.prior_path)
+    cfg = dataclasses.replace(cfg, fid_reference=ensure_fid_reference(cfg),
+                              eval_classifier=ensure_eval_classifier(cfg))
     info_path = run.run_dir / RUN_INFO
     previous = json.loads(info_path.read_text()) if cfg.resume and info_path.exists() else {}
 
     tracker = Tracker(cfg.experiment, run_name=cfg.run_name, tracking_uri=cfg.tracking_uri or None,
-                      run_id=previous.get("mlflow_run_id"),
+                      run_id=previous.get("mlflow_run_id") or None,
                       parent_run_id=cfg.mlflow_parent_run_id or None)
-    cfg = dataclasses.replace(cfg, mlflow_run_id=tracker.run_id or "")
     if not previous:
         tracker.log_params(cfg.to_dict())
-        tracker.set_tags({"dataset": cfg.dataset, "manifest_hash": manifest_hash(shard_set.root),
+        tracker.set_tags({"dataset": cfg.dataset, "manifest_hash": manifest_hash(run.shard_set.root),
                           "git_commit": git_commit() or "unknown", "pairing": cfg.pairing,
                           "eta": cfg.eta, "flow_steps": cfg.flow_steps, "nu": cfg.nu, "lr": cfg.lr})
         if cfg.prior_path:
             tracker.log_artifact(cfg.prior_path, "prior")
     run.run_dir.mkdir(parents=True, exist_ok=True)
-    info_path.write_text(json.dumps({"mlflow_run_id": cfg.mlflow_run_id, "config": cfg.to_dict()}, indent=1))
+    info_path.write_text(json.dumps({"mlflow_run_id": tracker.run_id or "", "config": cfg.to_dict()},
+                                    indent=1))
 
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=cfg.to_dict(),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
-                                     resources_per_worker=None if use_gpu else {"CPU": cfg.worker_cpus or cfg.threads}),
-        run_config=RunConfig(
-            name=cfg.run_name, storage_path=cfg.storage,
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-            failure_config=FailureConfig(max_failures=cfg.max_failures), callbacks=callbacks),
-    )
-    result, seconds = fit_tracked(trainer, tracker)
+    reports = Reports(cfg, run.run_dir, tracker)
+    spec = TrainerSpec(train_loop or train_loop_per_worker, cfg.to_dict(), cfg.run_name,
+                       cfg.storage, cfg.workers, use_gpu, cfg.worker_cpus or cfg.threads,
+                       cfg.keep_checkpoints, cfg.max_failures, list(callbacks or []))
+    start = time.perf_counter()
+    try:
+        result = fit(spec, reports, on_retry=lambda attempt, why: print(
+            f"restarting from the last checkpoint ({attempt}/{cfg.max_failures}): {why}", flush=True))
+    except RunFailed as err:
+        tracker.set_tags({"fdrl.failure": str(err)})
+        tracker.end("FAILED")
+        raise
+    except BaseException as err:
+        tracker.end("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        raise
+    seconds = time.perf_counter() - start
     tracker.log_metrics({"train_wall_seconds": seconds}, cfg.steps)
     model_uri = None
     checkpoint = result.checkpoint.path if result.checkpoint is not None else None
@@ -283,11 +295,11 @@ def run_training(cfg: TrainConfig, callbacks: Optional[list] = None) -> RunResul
         tracker.set_tags({"checkpoint_uri": checkpoint})
         with result.checkpoint.as_directory() as d:
             tracker.log_artifact(d, "checkpoint")
-            if tracker.run_id and cfg.register:  # MLflow reachable: register the EMA model (warns, never raises)
+            if tracker.run_id and cfg.register:  # MLflow reachable: register (warns, never raises)
                 from fdrl.tracking.registry import register_trained
 
-                model_uri = register_trained(cfg, d)
+                model_uri = register_trained(cfg, tracker.run_id, d)
     tracker.end("FINISHED")
     return RunResult(config=cfg, run_dir=run.run_dir, checkpoint=checkpoint,
-                     mlflow_run_id=cfg.mlflow_run_id, model_uri=model_uri, wall_seconds=seconds, used_gpu=use_gpu,
-                     metrics=dict(result.metrics or {}))
+                     mlflow_run_id=tracker.run_id or "", model_uri=model_uri, wall_seconds=seconds,
+                     used_gpu=use_gpu, metrics=dict(reports.last or result.metrics or {}))

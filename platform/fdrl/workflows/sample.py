@@ -1,7 +1,10 @@
-"""Composed sampling runs of ``jobs/sample.py``: class-conditional rows (FDRL eq. 31, a registered
-classifier guiding a registered FDRL model) and translation (given source images flowed K + kappa
-steps). Both go through ``sampling.sample_distributed``, so they keep the per-chunk seeding
-of unconditional sampling on any number of Ray workers.
+"""What ``jobs/sample.py`` does: draw samples of a registered FDRL model on Ray actors.
+
+The sampler's chunks (``fdrl.core.chunks``) are spread over actors that each hold one copy of the
+model (``fdrl.distributed.fanout``; a GPU each when the cluster has GPUs). Each chunk is seeded
+from (seed, index) alone, so 1 worker and 8 workers give the same array. Samples are clamped to
+the image range [-1, 1]. The same actors draw class-guided rows (a registered classifier and
+labels, ``fdrl.core.guidance``) and flow given starting points (translation).
 """
 
 from __future__ import annotations
@@ -14,14 +17,100 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from fdrl.core.chunks import CHUNK, chunks
 from fdrl.core.flow import FlowSettings
 from fdrl.core.guidance import check_classifier_fits
-from fdrl.core.sampler import CHUNK
+from fdrl.core.sampler import ChunkSampler, draw_chunk, sample
 from fdrl.data.images import save_grid
-from fdrl.distributed.sampling import sample_distributed
+from fdrl.distributed.fanout import ActorPool
 
 GRID_COLUMNS = 10
 SAMPLING_EXPERIMENT = "fdrl-sampling"
+
+
+def sample_distributed(model, n: int, seed: int, workers: int, batch: int = CHUNK,
+                       flow: Optional[FlowSettings] = None, progress: bool = True, *,
+                       classifier=None, phi: float = 0.0, labels: Optional[list[int]] = None,
+                       start: Optional[np.ndarray] = None) -> np.ndarray:
+    """N x C x H x W float32 samples from ``model`` (a ``registry.LoadedModel``) on ``workers``
+    Ray actors.
+
+    With a ``classifier`` and ``labels``: an array (len(labels), N, C, H, W), row i guided towards
+    ``labels[i]`` with weight ``phi``. Every row uses the same chunk seeds, so rows start from the
+    same prior draws and differ by the guidance only. With ``start`` (N x C x H x W): those points
+    are flowed instead of prior draws."""
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    flow = flow or FlowSettings.from_config(model.config)
+    if start is not None and len(start) != n:
+        raise ValueError(f"n={n} but {len(start)} starting points were given")
+    if start is None and model.prior is None:
+        raise ValueError(f"model {model.name} has no prior to sample from (a translation model): "
+                         f"give the source images to flow (--input)")
+    if labels is not None and classifier is None:
+        raise ValueError("class labels need a classifier to guide the flow")
+    rows = [None] if labels is None else list(labels)
+    todo = [(row, c) for row in range(len(rows)) for c in chunks(n, batch)]
+    items = [(seed, c.index, c.size, rows[row],
+              None if start is None else torch.from_numpy(np.ascontiguousarray(start[c.start:c.start + c.size], np.float32)))
+             for row, c in todo]
+    out = np.empty((len(rows), n, *model.net.in_shape), np.float32)
+    with ActorPool(min(workers, len(items)), ChunkSampler, model.net, model.prior, model.pairing,
+                   flow, classifier, phi) as pool:
+        for i, x in pool.map(draw_chunk, items, sizes=[c.size for _, c in todo], desc="sampling",
+                             progress=progress):
+            row, c = todo[i]
+            out[row, c.start:c.start + c.size] = x.clamp(-1, 1).numpy()
+    return out if labels is not None else out[0]
+
+
+def save_samples(samples: np.ndarray, out_dir: str | Path, grid: int = 64) -> tuple[Path, Path]:
+    """``out_dir/samples.npy`` (all samples) and ``out_dir/grid.png`` (the first ``grid``)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / "samples.npy", samples)
+    grid_path = save_grid(torch.from_numpy(samples[:grid]), out / "grid.png")
+    return out / "samples.npy", grid_path
+
+
+def sample_to_dir(model_uri: str, n: int, out_dir: str | Path, seed: int = 0, workers: int = 1,
+                  batch: int = CHUNK, tracking_uri: Optional[str] = None,
+                  progress: bool = True, **flow_overrides) -> dict:
+    """Load a registered model (hash-checked, no unpickling), sample on Ray, write samples.npy and
+    grid.png. Returns a summary (paths, timing, settings)."""
+    from fdrl.distributed.cluster import connect
+    from fdrl.tracking.registry import load_fdrl_model
+
+    model = load_fdrl_model(model_uri, tracking_uri=tracking_uri)
+    flow = FlowSettings.from_config(model.config, **flow_overrides)
+    connect()  # before the clock: the rate counts actor start-up, not the cluster's
+    start = time.perf_counter()
+    samples = sample_distributed(model, n, seed, workers, batch, flow, progress)
+    seconds = time.perf_counter() - start
+    npy, grid = save_samples(samples, out_dir)
+    return {"model": f"models:/{model.name}/{model.version}", "run_id": model.run_id,
+            "samples": str(npy), "grid": str(grid), "n": n, "seed": seed, "workers": workers,
+            "batch": batch, "flow": asdict(flow), "seconds": seconds,
+            "images_per_s": n / seconds}
+
+
+def load_samples(spec: str, n: Optional[int], seed: int, tracking_uri: Optional[str]) -> np.ndarray:
+    """Samples to refine or translate: a .npy file (N x C x H x W in [-1, 1]) or
+    models:/NAME@ALIAS of a registered FDRL generator, sampled here with its own flow."""
+    if spec.startswith("models:/"):
+        from fdrl.tracking.registry import load_fdrl_model
+
+        source = load_fdrl_model(spec, tracking_uri)
+        drawn = sample(source.net, source.pairing, source.flow, n or 256, seed, prior=source.prior)
+        return drawn.x.clamp(-1, 1).numpy()
+    path = Path(spec)
+    if not path.is_file():
+        raise FileNotFoundError(f"input samples not found: {path} (a .npy file or models:/NAME@ALIAS)")
+    array = np.load(path, allow_pickle=False)
+    return array[:n] if n else array
+
+
+# ---------------------------------------------------------------- class-conditional, translation
 
 
 def parse_labels(text: str, num_classes: int) -> list[int]:
@@ -38,23 +127,14 @@ def parse_labels(text: str, num_classes: int) -> list[int]:
     return labels
 
 
-def guide_spec(classifier, phi: float) -> dict:
-    """What a sampling actor needs to rebuild the classifier: plain arrays and its config."""
-    if not phi >= 0:
-        raise ValueError(f"guidance weight phi must be >= 0, got {phi!r}")
-    return {"architecture": asdict(classifier.config), "phi": float(phi),
-            "state": {k: v.detach().cpu().numpy() for k, v in classifier.state_dict().items()}}
-
-
 def _log_run(tracking_uri, params: dict, files: Sequence[Path], tags: dict) -> Optional[str]:
     from fdrl.tracking.tracker import Tracker
 
-    tracker = Tracker(SAMPLING_EXPERIMENT, run_name=params.get("kind"), tracking_uri=tracking_uri)
-    tracker.log_params(params)
-    tracker.set_tags(tags)
-    for f in files:
-        tracker.log_artifact(f)
-    tracker.end("FINISHED")
+    with Tracker(SAMPLING_EXPERIMENT, run_name=params.get("kind"), tracking_uri=tracking_uri) as tracker:
+        tracker.log_params(params)
+        tracker.set_tags(tags)
+        for f in files:
+            tracker.log_artifact(f)
     return tracker.run_id
 
 
@@ -65,18 +145,20 @@ def conditional_to_dir(model_uri: str, classifier_uri: str, label: str, n: int,
     """Class-conditional samples: ``n`` per label, in ``out_dir``: samples.npy
     (labels x n x C x H x W, or n x C x H x W for one label), labels.npy and grid.png (one row per
     label). The run is logged to MLflow (experiment fdrl-sampling) with the grid."""
-    from fdrl.eval.classifier import load_classifier
+    from fdrl.tracking.classifiers import open_classifier
     from fdrl.tracking.registry import load_fdrl_model
 
+    if not phi >= 0:
+        raise ValueError(f"guidance weight phi must be >= 0, got {phi!r}")
     model = load_fdrl_model(model_uri, tracking_uri=tracking_uri)
-    classifier = load_classifier(classifier_uri, tracking_uri=tracking_uri)
+    classifier = open_classifier(classifier_uri, tracking_uri)
     num_classes = classifier.config.num_classes
     labels = parse_labels(label, num_classes)
     check_classifier_fits(classifier, model.net.in_shape, num_classes, labels)
     flow = FlowSettings.from_config(model.config, **flow_overrides)
     start = time.perf_counter()
     rows = sample_distributed(model, n, seed, workers, batch, flow, progress,
-                              guide=guide_spec(classifier, phi), labels=labels)
+                              classifier=classifier, phi=phi, labels=labels)
     seconds = time.perf_counter() - start
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

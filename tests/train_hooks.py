@@ -1,0 +1,95 @@
+"""Test-only wrappers around the production training loop (``train_loop_per_worker``): they
+patch the worker's one reporting function inside the worker process, so the production loop and
+``TrainConfig`` carry no test hooks. Loaded by conftest's ``hooks`` fixture and pickled by value."""
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+MARKER_TIMEOUT_S = 300
+
+
+def _wrap_report(after):
+    """The production loop, with ``after(cfg, state, rank)`` run after each report."""
+
+    def loop(config: dict) -> None:
+        import ray.train
+
+        import fdrl.distributed.train_worker as worker
+
+        original = worker.report
+
+        def report(cfg, state, *args, **kwargs):
+            original(cfg, state, *args, **kwargs)
+            after(cfg, state, ray.train.get_context().get_world_rank())
+
+        worker.report = report
+        try:
+            worker.train_loop_per_worker(config)
+        finally:
+            worker.report = original
+
+    return loop
+
+
+def killed_after(step: int, marker: str):
+    """Rank 0's process SIGKILLs itself right after reporting ``step``, on the first attempt only
+    (``marker`` records that it happened): a real death, not an exception."""
+
+    def after(cfg, state, rank):
+        if rank == 0 and state.step == step and not os.path.exists(marker):
+            Path(marker).write_text(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return _wrap_report(after)
+
+
+def raises_after(step: int, error: BaseException):
+    """Rank 0 raises ``error`` after reporting ``step``, on every attempt."""
+
+    def after(cfg, state, rank):
+        if rank == 0 and state.step == step:
+            raise error
+
+    return _wrap_report(after)
+
+
+def overlap_markers(folder: str, wait_for: int):
+    """Rank 0 writes ``<folder>/<run>.started`` before its first step and waits until ``wait_for``
+    runs have started; before its final report it writes ``<run>.finished`` listing the runs that
+    had started by then, so a test can tell runs overlapped without timing them."""
+
+    def loop(config: dict) -> None:
+        import ray.train
+
+        import fdrl.distributed.train_worker as worker
+
+        cfg_name = config["run_name"]
+        marks = Path(folder)
+        marks.mkdir(parents=True, exist_ok=True)
+        rank0 = ray.train.get_context().get_world_rank() == 0
+        if rank0:
+            (marks / f"{cfg_name}.started").write_text("")
+            deadline = time.monotonic() + MARKER_TIMEOUT_S
+            while len(list(marks.glob("*.started"))) < wait_for:  # a condition, not a delay
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"only {len(list(marks.glob('*.started')))} of {wait_for} "
+                                       f"runs started within {MARKER_TIMEOUT_S} s")
+                time.sleep(0.05)
+        original = worker.report
+
+        def report(cfg, state, *args, **kwargs):
+            if rank0 and state.step == cfg.steps:  # before: Tune may end the trial once it sees it
+                seen = sorted(p.stem for p in marks.glob("*.started"))
+                (marks / f"{cfg_name}.finished").write_text(json.dumps(seen))
+            original(cfg, state, *args, **kwargs)
+
+        worker.report = report
+        try:
+            worker.train_loop_per_worker(config)
+        finally:
+            worker.report = original
+
+    return loop
