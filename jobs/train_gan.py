@@ -16,8 +16,13 @@ import json
 import sys
 
 
+def parse_betas(text: str) -> tuple[float, float]:
+    b1, b2 = (float(v) for v in text.split(","))
+    return (b1, b2)
+
+
 def main(argv=None):
-    from fdrl.distributed.gan_worker import DATASETS, GenConfig, parse_betas
+    from fdrl.distributed.gan_worker import DATASETS, GenConfig
     from fdrl.distributed.trainer import RunFailed
     from fdrl.workflows.generators import train_generator
 
