@@ -147,8 +147,8 @@ class S3Server:
         uploads = self._client("s3").list_multipart_uploads(Bucket=bucket.removeprefix("s3://"))
         return [u["Key"] for u in uploads.get("Uploads", [])]
 
-    def stop(self, kill: bool = False) -> None:
-        _stop_group(self.proc, kill)
+    def stop(self, kill: bool = True) -> None:
+        _stop_group(self.proc, kill)  # in-memory only: nothing to lose by SIGKILL
 
 
 class MlflowServer:

@@ -207,6 +207,10 @@ def _bucket(path: str) -> str:
     return path.split("://", 1)[1].split("/", 1)[0]
 
 
+def _bucket_root(path: str) -> str:
+    return f"{path.split('://', 1)[0]}://{_bucket(path)}"
+
+
 def _endpoint(path: str) -> str:
     if path.startswith("s3://"):
         return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
@@ -238,9 +242,11 @@ def _classify(exc: BaseException, path: str, action: str) -> StorageError:
             if any(n in text for n in needles):
                 if needles[0] == "NO_SUCH_BUCKET":
                     return _bucket_missing(path, action)
-                if cause is None:
+                if cause is None:  # keep the SDK's short reason, e.g. "Could not connect"
+                    m = re.search(r"operation: (?:curlCode: \d+, )?([^;\n]+)", text)
+                    detail = m.group(1).strip() if m else _first_line(text)
                     return StorageError(path, f"cannot reach the storage endpoint "
-                                              f"{_endpoint(path)} ({_first_line(text)})", action)
+                                              f"{_endpoint(path)} ({detail})", action)
                 return StorageError(path, cause, action, errno.EACCES)
         if re.search(r"Bucket '[^']*' not found", text):  # create_dir's own wording
             return _bucket_missing(path, action)
@@ -266,9 +272,9 @@ def _errors(path: str, action: str) -> Iterator[None]:
         raise _classify(exc, path, action) from exc
 
 
-def _info(path: str) -> pafs.FileInfo:
+def _info(path: str, action: str = "look up") -> pafs.FileInfo:
     fs, inner = filesystem(path)
-    with _errors(path, "look up"):
+    with _errors(path, action):
         return fs.get_file_info(inner)
 
 
@@ -307,6 +313,9 @@ def listdir(path) -> list[str]:
     fs, inner = filesystem(path)
     with _errors(path, "list"):
         infos = fs.get_file_info(pafs.FileSelector(inner, recursive=False, allow_not_found=True))
+    # allow_not_found also hides a missing bucket: a typo must not look like an empty folder.
+    if not infos and is_uri(path) and _info(_bucket_root(path)).type == pafs.FileType.NotFound:
+        raise _bucket_missing(path, "list")
     return sorted(posixpath.basename(i.path.rstrip("/")) for i in infos)
 
 
@@ -536,7 +545,7 @@ def check_writable(path) -> None:
 def check_readable(path) -> None:
     """The file (first byte) or folder (its listing) can be read; else one clear StorageError."""
     path = resolve(path)
-    info = _info(path)
+    info = _info(path, "read")
     if info.type == pafs.FileType.NotFound:
         raise _not_found(path, "read")
     fs, inner = filesystem(path)
