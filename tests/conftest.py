@@ -151,4 +151,4 @@ def mlflow_server(s3_server, tmp_path_factory):
     try:
         yield server.start()
     finally:
-        server.stop(kill=False)
+        server.stop(kill=True)  # its files are temporary: nothing to shut down cleanly for

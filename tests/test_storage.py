@@ -28,7 +28,7 @@ def test_paths_and_uris(monkeypatch, tmp_path):
     assert storage.resolve("file:///tmp/a/../b") == "/tmp/b"
     assert storage.resolve("S3://bucket//a/./b/") == "s3://bucket/a/b"
     assert storage.join("s3://bucket/runs/", "r1", "/ckpt/") == "s3://bucket/runs/r1/ckpt"
-    assert storage.join("data", "x") == os.path.join("data", "x")
+    assert storage.join("data", "x", "/y") == os.path.join("data", "x", "y")
     assert storage.name("s3://bucket/a/b.tar") == "b.tar" and storage.name("s3://bucket") == "bucket"
     assert storage.name("/x/y/") == "y"
     assert storage.parent("s3://bucket/a/b") == "s3://bucket/a"
@@ -39,6 +39,14 @@ def test_paths_and_uris(monkeypatch, tmp_path):
                        ("hdfs://nn/x", "unknown storage scheme 'hdfs://'")]:
         with pytest.raises(StorageError, match=words.replace("?", r"\?")):
             storage.resolve(bad)
+
+
+def test_errors_survive_pickling():  # how Ray moves an exception from a worker to the driver
+    import pickle
+
+    err = pickle.loads(pickle.dumps(StorageNotFoundError("s3://b/x", "no such file", "read", 2)))
+    assert isinstance(err, FileNotFoundError) and isinstance(err, StorageError)
+    assert str(err) == "cannot read s3://b/x: no such file" and err.errno == 2
 
 
 def test_unknown_scheme_names_it_and_the_valid_ones():

@@ -50,6 +50,9 @@ class StorageError(OSError):
         if code is not None:
             self.errno = code  # only errno: setting filename would change str()
 
+    def __reduce__(self):  # Ray sends exceptions between processes by pickling them
+        return type(self), (self.path, self.reason, self.action, self.errno)
+
 
 class StorageNotFoundError(StorageError, FileNotFoundError):
     """The file, folder or bucket is not there."""
@@ -101,11 +104,12 @@ def _local(path: str) -> str:
 
 
 def join(base, *parts: str) -> str:
-    """``base/part/…``; parts are always relative (a leading ``/`` does not reset a URI)."""
+    """``base/part/…``. Parts are always relative: unlike ``os.path.join``, a leading ``/`` does
+    not start over at the root (locally or in a bucket)."""
     base = os.fspath(base)
     if is_uri(base):
         return resolve("/".join([base, *parts]))
-    return os.path.join(_local(base), *parts)
+    return os.path.join(_local(base), *(p.lstrip("/") for p in parts))
 
 
 def name(path) -> str:
@@ -176,8 +180,11 @@ def filesystem(path) -> tuple[pafs.FileSystem, str]:
 # ---------------------------------------------------------------------------------------------
 # Errors: pyarrow's texts ("AWS Error ACCESS_DENIED during HeadObject…") → one clear cause
 
-_REMOTE_CAUSES = [  # (substrings of the SDK's error text, the cause to report)
-    (("NO_SUCH_BUCKET", "NoSuchBucket"), None),  # filled in with the bucket name
+# Substrings of the SDKs' error texts (AWS codes in both spellings; GCS status names).
+_MISSING_BUCKET = ("NO_SUCH_BUCKET", "NoSuchBucket")
+_UNREACHABLE = ("NETWORK_CONNECTION", "curlCode", "Could not connect", "Couldn't resolve host",
+                "Connection refused", "Timeout was reached", "UNAVAILABLE")
+_CREDENTIAL_CAUSES = [
     (("INVALID_ACCESS_KEY_ID", "InvalidAccessKeyId"),
      "wrong credentials: the endpoint does not know this access key id (check "
      "AWS_ACCESS_KEY_ID, ~/.aws or the instance role)"),
@@ -186,11 +193,11 @@ _REMOTE_CAUSES = [  # (substrings of the SDK's error text, the cause to report)
      "AWS_SECRET_ACCESS_KEY)"),
     (("EXPIRED_TOKEN", "ExpiredToken", "TokenRefreshRequired"),
      "the credentials have expired"),
-    (("ACCESS_DENIED", "AccessDenied", "Forbidden", "INVALID_CLIENT_TOKEN_ID"),
+    # A refused HEAD request has no body, so S3 cannot say more than this.
+    (("ACCESS_DENIED", "AccessDenied", "Forbidden", "INVALID_CLIENT_TOKEN_ID",
+      "PERMISSION_DENIED", "UNAUTHENTICATED"),
      "access denied: credentials missing or wrong, or not allowed on this path (check "
      "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or the instance role's policy)"),
-    (("NETWORK_CONNECTION", "curlCode", "Could not connect", "Couldn't resolve host",
-      "Connection refused", "Timeout was reached", "UNAVAILABLE"), None),  # unreachable
 ]
 _LOCAL_CAUSES = {
     errno.ENOSPC: "the storage is full (no space left on device)",
@@ -238,18 +245,16 @@ def _not_found(path: str, action: str) -> StorageNotFoundError:
 def _classify(exc: BaseException, path: str, action: str) -> StorageError:
     text, code = str(exc), getattr(exc, "errno", None)
     if is_uri(path):
-        for needles, cause in _REMOTE_CAUSES:
+        if any(n in text for n in _MISSING_BUCKET) or re.search(r"Bucket '[^']*' not found", text):
+            return _bucket_missing(path, action)  # the second: create_dir's own wording
+        for needles, cause in _CREDENTIAL_CAUSES:
             if any(n in text for n in needles):
-                if needles[0] == "NO_SUCH_BUCKET":
-                    return _bucket_missing(path, action)
-                if cause is None:  # keep the SDK's short reason, e.g. "Could not connect"
-                    m = re.search(r"operation: (?:curlCode: \d+, )?([^;\n]+)", text)
-                    detail = m.group(1).strip() if m else _first_line(text)
-                    return StorageError(path, f"cannot reach the storage endpoint "
-                                              f"{_endpoint(path)} ({detail})", action)
                 return StorageError(path, cause, action, errno.EACCES)
-        if re.search(r"Bucket '[^']*' not found", text):  # create_dir's own wording
-            return _bucket_missing(path, action)
+        if any(n in text for n in _UNREACHABLE):  # keep the SDK's short reason
+            m = re.search(r"operation: (?:curlCode: \d+, )?([^;\n]+)", text)
+            detail = m.group(1).strip() if m else _first_line(text)
+            return StorageError(path, f"cannot reach the storage endpoint {_endpoint(path)} "
+                                      f"({detail})", action)
     if isinstance(exc, FileNotFoundError) or code == errno.ENOENT:
         return _not_found(path, action)
     if code in _LOCAL_CAUSES:
@@ -344,11 +349,13 @@ def write_bytes(path, data) -> None:
     """Write ``data`` complete or not at all; parent folders are created (locally)."""
     if isinstance(data, str):
         raise TypeError("write_bytes takes bytes; use write_text for str")
+    data = memoryview(data)  # a wrong type fails here, not inside an upload that would complete
     path = resolve(path)
     if not is_uri(path):
         _write_local(path, [data])
         return
-    # One upload of an in-memory buffer: S3/GCS show the object only once it is complete.
+    # One upload of an in-memory buffer: S3/GCS show the object only once it is complete. (Only
+    # an interrupt between opening and the single write could still publish an empty object.)
     fs, inner = filesystem(path)
     with _errors(path, "write"), fs.open_output_stream(inner) as out:
         out.write(data)
