@@ -91,18 +91,25 @@ def items(rec: dict) -> int:
 
 
 def describe(records: list[dict]) -> str:
-    """'12 metric values (steps 30..130), 2 params, 1 artifacts, end of run' for records."""
+    """'80 metric values (steps 0..39), 1 params (lr), 1 artifacts, the end of the run'."""
     counts: dict[str, int] = {}
+    keys: dict[str, list[str]] = {}
     steps = [r["step"] for r in records if r.get("op") == "metrics"]
     for r in records:
         kind = KINDS.get(r.get("op"), r.get("op"))
         counts[kind] = counts.get(kind, 0) + items(r)
+        if r.get("op") in ("params", "tags"):
+            keys.setdefault(kind, []).extend(r[r["op"]])
     parts = []
     for kind, n in counts.items():
         if kind == "metrics":
             kind = f"metric values (steps {min(steps)}..{max(steps)})"
         elif kind == "end":
-            kind = "end of run"
+            parts.append("the end of the run")
+            continue
+        elif kind in keys:
+            names = list(dict.fromkeys(keys[kind]))
+            kind += f" ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})"
         parts.append(f"{n} {kind}")
     return ", ".join(parts) or "nothing"
 
@@ -127,7 +134,10 @@ class Shipper:
         self.first_attempt = threading.Event()
         self._client = None
         self._first_record: dict | None = None
-        self._isolate_until = 0  # seqs up to this are sent one record per batch
+        # After a rejected batch, the records up to _split_until go in batches of at most
+        # _split records, halved on each rejection and doubled on each success: the refused
+        # record is found, and the rest shipped, in O(log n) requests.
+        self._split_until, self._split = 0, 0
         self._rejected_kinds: set[str] = set()
         self._down_since: float | None = None
         self._waiting_logged = False
@@ -159,6 +169,7 @@ class Shipper:
         else:
             self._up()
             self._ack(batch, fields or {})
+            self._split *= 2
             status = SHIPPED
         self.first_attempt.set()  # after the ack: a waiter then sees the run id
         return status
@@ -168,13 +179,14 @@ class Shipper:
         MLflow's batch limits, without two values for one param or tag key (their order would
         be lost); any other record alone."""
         first = records[0][0]
-        if first["op"] not in _BATCHED or first["seq"] <= self._isolate_until:
+        if first["op"] not in _BATCHED:
             return records[:1]
+        cap = self._split if first["seq"] <= self._split_until else len(records)
         n_metrics = n_pt = 0
         keys: set[tuple[str, str]] = set()
         out = []
         for rec, end in records:
-            if rec["op"] not in _BATCHED:
+            if rec["op"] not in _BATCHED or len(out) == cap:
                 break
             m, p, t = rec.get("metrics", {}), rec.get("params", {}), rec.get("tags", {})
             new_keys = {("p", k) for k in p} | {("t", k) for k in t}
@@ -315,8 +327,9 @@ class Shipper:
                 log.debug("MLflow still unreachable (%s)", short_error(e))
             return DOWN
         self._up()
-        if len(batch) > 1:  # find the refused record: send this batch's records one by one
-            self._isolate_until = batch[-1][0]["seq"]
+        if len(batch) > 1:  # find the refused record: resend in halves
+            self._split_until = max(self._split_until, batch[-1][0]["seq"])
+            self._split = len(batch) // 2
             return SHIPPED
         rec = batch[0][0]
         if rec["op"] == "run":
