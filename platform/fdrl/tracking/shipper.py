@@ -131,6 +131,7 @@ class Shipper:
         self.dropped: dict[str, int] = {}
         self.blocked: str | None = None  # why the run cannot be opened: shipping has stopped
         self.attempts = 0  # steps that sent something (or tried to)
+        self.failures = 0  # attempts that found MLflow unreachable (or the followed run unknown)
         self.first_attempt = threading.Event()
         self._client = None
         self._first_record: dict | None = None
@@ -169,7 +170,7 @@ class Shipper:
         else:
             self._up()
             self._ack(batch, fields or {})
-            self._split *= 2
+            self._split = min(self._split * 2, READ_AHEAD)
             status = SHIPPED
         self.first_attempt.set()  # after the ack: a waiter then sees the run id
         return status
@@ -298,7 +299,8 @@ class Shipper:
 
     def _ack(self, batch: list[tuple[dict, int]], fields: dict) -> None:
         last, offset = batch[-1]
-        self.spool.ack(last["seq"], offset, **fields)
+        # A corrupt line has no seq: skipping it moves the offset, not the seq.
+        self.spool.ack(last.get("seq", self.spool.acked), offset, **fields)
         for rec, _ in batch:
             if rec.get("file"):
                 self.spool.remove_files(rec["seq"])
@@ -311,6 +313,8 @@ class Shipper:
             self._cond.notify_all()
 
     def _failed(self, e: Exception, batch: list[tuple[dict, int]]) -> str:
+        if not is_rejection(e):
+            self.failures += 1
         if isinstance(e, RunNotKnownYet):
             if not self._waiting_logged:
                 log.info("MLflow tracking: %s; spool %s waits for it", e, self.spool.path)
@@ -328,7 +332,7 @@ class Shipper:
             return DOWN
         self._up()
         if len(batch) > 1:  # find the refused record: resend in halves
-            self._split_until = max(self._split_until, batch[-1][0]["seq"])
+            self._split_until = max(self._split_until, batch[-1][0].get("seq", 0))
             self._split = len(batch) // 2
             return SHIPPED
         rec = batch[0][0]

@@ -82,24 +82,19 @@ class Spool:
         self.last_seq = self._recover()
 
     def _recover(self) -> int:
-        """Seq of the last complete record; cuts off a torn tail (a line without its newline or
-        one that does not parse) so that the next append starts a clean line."""
+        """Seq of the last complete record. Cuts off what follows it: a torn tail (a line
+        without its newline, or garbage) left by a process killed mid-append, so that the next
+        append starts on a clean line. A damaged line followed by good ones is kept (the
+        shipper skips it with a warning) rather than cutting off the good ones."""
         acked, offset = self.state.get("acked", 0), self.state.get("offset", 0)
         size = os.fstat(self._fd).st_size
         if offset > size:
             raise SpoolError(f"{self._journal} is shorter ({size} B) than its shipped part "
                              f"({offset} B, {STATE}): not the journal this state belongs to")
         last, good_end = acked, offset
-        with open(self._journal, "rb") as f:
-            f.seek(offset)
-            for line in f:
-                if not line.endswith(b"\n"):
-                    break
-                try:
-                    last = json.loads(line)["seq"]
-                except (ValueError, KeyError, TypeError):
-                    break
-                good_end += len(line)
+        for record, end in self.read(offset):
+            if "seq" in record:
+                last, good_end = record["seq"], end
         if good_end < size:
             os.ftruncate(self._fd, good_end)
             os.fsync(self._fd)
@@ -151,7 +146,9 @@ class Spool:
                 offset += len(line)
                 try:
                     record = json.loads(line)
-                except ValueError:  # only a damaged disk makes this (appends are whole lines)
+                except ValueError:  # a torn tail, or a damaged disk (appends are whole lines)
+                    record = None
+                if not isinstance(record, dict) or "seq" not in record:
                     record = {"op": "corrupt", "line": line[:120].decode(errors="replace")}
                 out.append((record, offset))
         return out

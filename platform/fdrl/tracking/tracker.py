@@ -166,7 +166,7 @@ class Tracker:
         on_run_id: called with the run id once the run exists (on the shipper thread).
         start_timeout: the constructor waits up to this long for the first attempt to ship
             (so ``run_id`` is known at once when MLflow is up; a down server fails fast).
-        end_timeout: how long :meth:`end` waits for the spool to drain, unless told.
+        end_timeout: the longest :meth:`end` waits for a healthy MLflow to take the rest.
         max_backoff_s: the longest wait between two attempts while MLflow is unreachable.
         keep_spool: keep the spool folder after a complete :meth:`end`; default: keep it iff
             ``spool_dir`` was given (its owner may reopen it).
@@ -181,7 +181,7 @@ class Tracker:
                  tags: dict | None = None, enabled: bool = True,
                  parent_run_id: str | None = None, spool_dir: str | Path | None = None,
                  follow_spool: str | Path | None = None, on_run_id=None,
-                 start_timeout: float = 30.0, end_timeout: float = 30.0,
+                 start_timeout: float = 60.0, end_timeout: float = 300.0,
                  max_backoff_s: float = 15.0, keep_spool: bool | None = None):
         self.enabled = enabled
         self.run_id: str | None = None
@@ -210,6 +210,8 @@ class Tracker:
         except OSError as e:  # no writable disk: a tracker without tracking beats no training
             log.warning("MLflow tracking disabled: cannot write the spool %s (%s); training "
                         "continues untracked", spool_dir, e)
+            if self._spool is not None:
+                self._spool.close()
             self.enabled, self._spool = False, None
             return
         self.spool_dir = self._spool.path
@@ -350,18 +352,29 @@ class Tracker:
         return self._shipper.wait_shipped(self._spool.last_seq, timeout)
 
     def end(self, status: str = "FINISHED", timeout: float | None = None) -> None:
-        """Spool the end of the run (idempotent), wait up to ``timeout`` seconds (default
-        ``end_timeout``) for the spool to drain and stop the shipper. What is not shipped then
-        stays in the spool, named in one warning with the command that ships it later."""
+        """Spool the end of the run (idempotent), wait for the spool to drain, stop the shipper.
+
+        ``timeout=None`` waits while MLflow answers: until everything is shipped, until an
+        attempt after this call finds MLflow unreachable (a dead server is not waited for), or
+        ``end_timeout`` seconds. A number waits up to that long even while MLflow is down (to
+        ride out a restart); 0 does not wait. What is not shipped then stays in the spool,
+        named in one warning with the command that ships it later."""
         if not self.enabled or self._ended:
             return
         self._append("end", f"end of run (status {status})", status=status)
         self._ended = True
-        shipped = self.drain(self.end_timeout if timeout is None else timeout)
-        stopped = self._shipper.stop(timeout=5.0)  # bounded: a request in flight may time out
-        spool = self._spool
+        shipper, spool = self._shipper, self._spool
+        if timeout is None:
+            failures = shipper.failures
+            shipper.kick()
+            shipper.wait_for(lambda: spool.acked >= spool.last_seq or shipper.failures > failures
+                             or shipper.blocked is not None or not shipper.alive, self.end_timeout)
+            shipped = spool.acked >= spool.last_seq
+        else:
+            shipped = self.drain(timeout)
+        stopped = shipper.stop(timeout=5.0)  # bounded: a request in flight may still time out
         if not shipped:
-            why = self._shipper.blocked or f"MLflow at {self.tracking_uri} unreachable"
+            why = shipper.blocked or f"MLflow at {self.tracking_uri} unreachable"
             log.warning(
                 "MLflow tracking: %s not shipped (%s); kept in spool %s. Ship them later with "
                 "`python -m fdrl.tracking.replay %s`, or reopen the spool with "
