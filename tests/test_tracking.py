@@ -12,15 +12,20 @@ import time
 import urllib.request
 from pathlib import Path
 
-import pytest
-from mlflow.tracking import MlflowClient
-
 import fdrl
+import pytest
 from fdrl.tracking import tracker as tracking
 from fdrl.tracking.replay import replay
 from fdrl.tracking.spool import JOURNAL, SpoolError, read_state
-from fdrl.tracking.tracker import (Tracker, default_artifact_root, default_tracking_uri, ensure_experiment,
-                                   flatten_params, git_commit)
+from fdrl.tracking.tracker import (
+    Tracker,
+    default_artifact_root,
+    default_tracking_uri,
+    ensure_experiment,
+    flatten_params,
+    git_commit,
+)
+from mlflow.tracking import MlflowClient
 
 REPO = Path(__file__).resolve().parents[1]
 # Subprocesses import the same fdrl as this test (a worktree's checkout, not the installed one).

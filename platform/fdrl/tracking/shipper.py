@@ -30,9 +30,8 @@ import json
 import logging
 import threading
 import time
-from pathlib import Path
 
-from fdrl.tracking.spool import FILES, Spool, read_state
+from fdrl.tracking.spool import Spool, read_state
 
 log = logging.getLogger("fdrl.tracking")
 

@@ -20,12 +20,11 @@ import logging
 import os
 import shutil
 import subprocess
-import threading
 import uuid
+import weakref
 from pathlib import Path
 
-from fdrl.tracking.shipper import (KINDS, MAX_METRICS_PER_BATCH,  # noqa: F401
-                                   MAX_PARAMS_TAGS_PER_BATCH, Shipper, describe)
+from fdrl.tracking.shipper import KINDS, Shipper, describe
 from fdrl.tracking.spool import Spool
 
 log = logging.getLogger("fdrl.tracking")
@@ -147,6 +146,16 @@ def set_fast_fail_env(tracking_uri: str) -> None:
             os.environ.setdefault(k, v)
 
 
+def _release(shipper: Shipper, spool: Spool, remove: bool) -> None:
+    """A tracker dropped (or the interpreter exiting) without end(): stop its idle shipper and
+    release the spool (removing a default one) if everything is shipped; else leave both, the
+    spool holding the rest for a replay. Module-level: it must not keep the tracker alive."""
+    if spool.acked >= spool.last_seq and shipper.stop(timeout=1.0):
+        spool.close()
+        if remove:
+            shutil.rmtree(spool.path, ignore_errors=True)
+
+
 class Tracker:
     """Rank-0 MLflow run that never raises into the training loop and loses nothing.
 
@@ -217,9 +226,12 @@ class Tracker:
         self.spool_dir = self._spool.path
         set_fast_fail_env(self.tracking_uri)
         self.run_id = self._spool.run_id or self.run_id
-        self._shipper = Shipper(self._spool, self.tracking_uri, on_run_id=self._run_known,
-                                max_backoff_s=max_backoff_s)
+        known = weakref.WeakMethod(self._run_known)  # the thread must not keep self alive
+        self._shipper = Shipper(self._spool, self.tracking_uri, max_backoff_s=max_backoff_s,
+                                on_run_id=lambda run_id: known() and known()(run_id))
         self._shipper.start()
+        self._finalizer = weakref.finalize(self, _release, self._shipper, self._spool,
+                                           not self._keep_spool)
         if start_timeout:
             self._shipper.first_attempt.wait(start_timeout)
 
@@ -363,6 +375,7 @@ class Tracker:
             return
         self._append("end", f"end of run (status {status})", status=status)
         self._ended = True
+        self._finalizer.detach()
         shipper, spool = self._shipper, self._spool
         if timeout is None:
             failures = shipper.failures
