@@ -12,20 +12,15 @@ import time
 import urllib.request
 from pathlib import Path
 
-import fdrl
 import pytest
+from mlflow.tracking import MlflowClient
+
+import fdrl
 from fdrl.tracking import tracker as tracking
 from fdrl.tracking.replay import replay
 from fdrl.tracking.spool import JOURNAL, SpoolError, read_state
-from fdrl.tracking.tracker import (
-    Tracker,
-    default_artifact_root,
-    default_tracking_uri,
-    ensure_experiment,
-    flatten_params,
-    git_commit,
-)
-from mlflow.tracking import MlflowClient
+from fdrl.tracking.tracker import (Tracker, default_artifact_root, default_tracking_uri, ensure_experiment,
+                                   flatten_params, git_commit)
 
 REPO = Path(__file__).resolve().parents[1]
 # Subprocesses import the same fdrl as this test (a worktree's checkout, not the installed one).
@@ -195,8 +190,6 @@ def test_nested_child_run(store):
     assert child.run_id != parent.run_id
 
 
-
-
 def test_disabled_touches_nothing(tmp_path, monkeypatch, spool_home):
     monkeypatch.chdir(tmp_path)
     t = Tracker("off", tracking_uri=f"sqlite:///{tmp_path}/never.db", enabled=False)
@@ -261,6 +254,51 @@ def test_spool_journal_recovery(tmp_path):
     ops = [r["op"] for r, _ in sp.read(0)]
     assert ops == ["metrics"] * 3 + ["tags", "corrupt", "tags"]
     sp.close()
+
+
+# Logs a step, then a fixed amount of CPU work, forever: the training loop the test kills.
+PRODUCER = r"""
+import sys
+from fdrl.tracking.tracker import Tracker
+
+t = Tracker("killed-producer", run_name="p", tracking_uri=sys.argv[1], spool_dir=sys.argv[2])
+step = 0
+while True:
+    t.log_metrics({"loss": 1.0 / (step + 1)}, step)
+    step += 1
+    sum(i * i for i in range(20_000))
+"""
+
+
+def test_producer_killed_then_resumed_from_its_spool(store, tmp_path):
+    """The training process is SIGKILLed at an arbitrary point: a resumed process reopens
+    its spool and the run ends up with every step the first one logged, once, and its own."""
+    _, uri = store
+    spool = tmp_path / "spool"
+    proc = subprocess.Popen([sys.executable, "-c", PRODUCER, uri, str(spool)], env=SUB_ENV,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while proc.poll() is None and time.monotonic() < deadline:  # until 300 steps are spooled
+            journal = spool / JOURNAL
+            if journal.exists() and journal.read_bytes().count(b"\n") > 300:
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, proc.stderr.read()
+    finally:
+        proc.kill()  # SIGKILL: no end(), maybe a torn line, maybe a batch sent but not acked
+        proc.wait(timeout=30)
+
+    t = Tracker("ignored", tracking_uri=uri, spool_dir=spool)
+    records = [json.loads(line) for line in (spool / JOURNAL).read_text().splitlines()]  # no torn line now
+    logged = sum(r["op"] == "metrics" for r in records)
+    assert logged > 300 and t.run_id is not None
+    for step in range(logged, logged + 10):
+        t.log_metrics({"loss": 1.0 / (step + 1)}, step)
+    t.end()
+    client = MlflowClient(uri)
+    assert _steps(client, t.run_id) == list(range(logged + 10))
+    assert client.get_run(t.run_id).info.status == "FINISHED"
 
 
 def _offline_spool(spool: Path, steps: int, tmp_path: Path, experiment: str) -> tuple[Tracker, list[str]]:
@@ -352,7 +390,7 @@ replay(spool_dir, uri)
 
 
 @pytest.mark.parametrize("kill_at", [1, 1000], ids=["after-create-run", "after-metrics-batch"])
-def test_replay_after_shipper_killed_between_send_and_ack(store, tmp_path, kill_at, caplog):
+def test_replay_after_shipper_killed_between_send_and_ack(store, tmp_path, kill_at, fast_http_env):
     _, uri = store
     steps = 1200  # 2400 metric values: more than 2 batches of 1000
     spool = tmp_path / "spool"
@@ -387,7 +425,7 @@ def test_replay_after_shipper_killed_between_send_and_ack(store, tmp_path, kill_
     assert len(client.get_metric_history(run_id, "lr")) == steps
 
 
-def test_follower_waits_for_the_run_of_the_spool_it_follows(store, tmp_path):
+def test_follower_waits_for_the_run_of_the_spool_it_follows(store, tmp_path, fast_http_env):
     """A worker's tracker follows the driver's spool: it logs into the run the driver's spool
     creates, whenever that happens, and leaves the run's status to the driver."""
     _, uri = store
@@ -511,6 +549,7 @@ def test_outage_loses_nothing(tmp_path, caplog, fast_http_env):
             outage_steps = step - 50
             assert t.pending >= outage_steps  # nothing reached the dead server
 
+            restart_ms = int(time.time() * 1000)
             server = _start_server(db, tmp_path / "server-artifacts", port)
             downtime = time.monotonic() - killed
             train(step + 50)  # training goes on while the backlog ships
@@ -522,6 +561,8 @@ def test_outage_loses_nothing(tmp_path, caplog, fast_http_env):
         hist = client.get_metric_history(t.run_id, "loss")
         assert sorted(m.step for m in hist) == list(range(total))  # every step, exactly once
         assert all(m.value == 1.0 / (m.step + 1) for m in hist)
+        # Points carry the time they were logged, not the time they were shipped.
+        assert all(m.timestamp < restart_ms for m in hist if m.step < 50 + outage_steps)
         run = client.get_run(t.run_id)
         assert run.info.status == "FINISHED"
         assert run.data.params == {"lr": "0.1", "outage_param": "1"}
