@@ -6,22 +6,24 @@ that one batch later. Every record is therefore shipped so that sending it twice
 nothing:
 
 - metrics carry the timestamp of the tracker call, fixed in the journal. MLflow's SQL store
-  (sqlite or a database behind ``mlflow server``, the only stores MLflow 3 tracks into) has
+  (sqlite, or the database behind ``mlflow server``: the stores this project tracks into) has
   (run, key, timestamp, step, value, is_nan) as the metrics table's primary key and skips an
-  identical point on insert (SqlAlchemyStore._log_metrics), so a resent batch adds nothing. We
-  chose this over reading the run's metric history before a resend: it costs no request, has
-  no window between the check and the send, and does not grow with the run's history. (The
-  duplicates of the old tracker came from a new timestamp per attempt.)
+  identical point on insert (SqlAlchemyStore._log_metrics), so a resent batch adds nothing.
+  Only a new timestamp makes a duplicate, which is what the old tracker did on every attempt.
+  We chose this over reading the run's metric history before a resend: it costs no request,
+  has no window between the check and the send, and does not grow with the run's history.
+  (A store without that key, e.g. Databricks', would need the history check.)
 - params: re-logging a param with the same value is accepted and changes nothing; tags,
   artifacts, log_dict files and the terminal status are overwritten with the same content.
 - the run itself: the create record carries a random spool id, set as tag ``fdrl.spool`` on
   the run. Before creating, the shipper looks for a run with that tag and adopts it, so a run
   created by an attempt whose answer was lost is not created twice.
 
-Errors are sorted in two: MLflow refusing this payload (a 4xx rejection such as
-INVALID_PARAMETER_VALUE, or a client-side ValueError) drops that record with one warning per
-kind; anything else (connection refused, timeouts, 5xx, a locked sqlite db) means "not now":
-the record stays and the shipper backs off (0.5 s doubling up to ``max_backoff_s``).
+Errors are sorted in two. MLflow refusing this payload (an error code in REJECTION_CODES, e.g.
+INVALID_PARAMETER_VALUE for a changed param, or a client-side ValueError) drops that record
+with one warning per kind. Anything else means "not now": connection refused, timeouts, 5xx,
+a locked sqlite db, and also 401/403/429 or an unknown endpoint, which a fixed token or URL
+cures; the record stays and the shipper backs off (0.5 s doubling up to ``max_backoff_s``).
 """
 
 from __future__ import annotations

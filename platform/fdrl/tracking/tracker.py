@@ -181,8 +181,10 @@ class Tracker:
             ``spool_dir`` was given (its owner may reopen it).
 
     For http(s) tracking URIs this sets :data:`FAST_FAIL_HTTP_ENV` in ``os.environ`` (process
-    wide, only for variables the user has not set). ``dropped`` counts the items MLflow
-    rejected (kind -> number of metric values, params, tags, artifacts, ...).
+    wide, only for variables the user has not set). ``dropped`` counts the items lost for good
+    (kind -> number of metric values, params, tags, artifacts, ...): rejected by MLflow, or
+    not spoolable (disk full, a missing file, a value that is not a number); each kind is
+    warned about once.
     """
 
     def __init__(self, experiment: str, run_name: str | None = None,
