@@ -10,7 +10,7 @@ from scipy import linalg
 
 from fdrl.data.stream import shard_batches
 from fdrl.eval.inception import INCEPTION_KEYS, check_inception_weights
-from fdrl.eval.metrics import (domain_features, feature_moments, frechet_distance,
+from fdrl.eval.metrics import (domain_features, feature_metrics, feature_moments, frechet_distance,
                                frechet_distance_from_moments, gaussian_stats, kid, precision_recall)
 from fdrl.core.priors import Moments
 
@@ -178,11 +178,11 @@ def test_domain_features_streams_and_truncates():
     torch.testing.assert_close(feats, expected)
     np.testing.assert_allclose(gaussian_stats(moments)[1],
                                np.cov(expected.double().numpy(), rowvar=False), rtol=1e-5, atol=1e-7)
-    out = metrics.feature_metrics(fn, [x[:50]], [x[50:]], kid_subset_size=40, kid_subsets=5)
+    out = feature_metrics(fn, [x[:50]], [x[50:]], kid_subset_size=40, kid_subsets=5)
     assert set(out) >= {"fd", "kid_mean", "kid_std", "precision", "recall"}
     assert out["n_samples"] == 50
     fa, fb = (fn(b).detach().double().numpy() for b in (x[:50], x[50:]))
-    want = metrics.frechet_distance(fa.mean(0), np.cov(fa, rowvar=False), fb.mean(0), np.cov(fb, rowvar=False))
+    want = frechet_distance(fa.mean(0), np.cov(fa, rowvar=False), fb.mean(0), np.cov(fb, rowvar=False))
     assert out["fd"] == pytest.approx(want, rel=1e-6)
 
 

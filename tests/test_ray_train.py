@@ -117,8 +117,8 @@ def test_training_goes_on_when_mlflow_is_unreachable(ray_cluster, shards, workdi
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    result = train(tiny(shards, workdir, run_name="no-mlflow", steps=2,
-                               tracking_uri=f"http://127.0.0.1:{port}"))
+    result = train(tiny(shards, workdir, run_name="no-mlflow", steps=2, register=False,
+                        tracking_uri=f"http://127.0.0.1:{port}"))
     assert result.checkpoint is not None and result.mlflow_run_id == ""
 
 

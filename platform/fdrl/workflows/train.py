@@ -12,6 +12,7 @@ printing its step line, and registers the final EMA model.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import tempfile
 import time
@@ -22,9 +23,12 @@ from typing import Any, Callable, Optional
 
 from fdrl.config import TrainConfig, storage_root
 from fdrl.data.manifest import ShardSet, manifest_hash, open_shard_set
+from fdrl.env import home
 from fdrl.workflows.priors import FITTED_PRIORS, ensure_prior, prior_cache_path
 
 RUN_INFO = "fdrl_run.json"  # in the run folder: the MLflow run id and the config, for --resume
+SPOOL_FOLDER = ".fdrl-spool"  # under $FDRL_HOME: each run's MLflow calls until the server has them
+REGISTER_WAIT_S = 120  # how long a finished run waits for MLflow to come back to register
 
 
 @dataclass(frozen=True)
@@ -239,6 +243,28 @@ class Reports:
         print(step_line(step, self.cfg.steps, metrics), flush=True)
 
 
+def write_run_info(path: Path, tracker, cfg: TrainConfig) -> None:
+    """fdrl_run.json: the MLflow run (once it exists) and its spool, for --resume, and the config."""
+    path.write_text(json.dumps({"mlflow_run_id": tracker.run_id or "",
+                                "spool": str(tracker.spool_dir or ""), "config": cfg.to_dict()},
+                               indent=1))
+
+
+def _register(cfg: TrainConfig, tracker, checkpoint_dir) -> Optional[str]:
+    """Register the final model once its MLflow run exists: a run started while the server was
+    down is created when it comes back, so wait for that (bounded) before giving up."""
+    from fdrl.tracking.registry import register_trained
+
+    run_id = tracker.wait_for_run(REGISTER_WAIT_S)
+    if run_id is None:
+        print(f"warning: MLflow at {cfg.tracking_uri} stayed unreachable for {REGISTER_WAIT_S} s: "
+              f"the model is not registered; the metrics wait in {tracker.spool_dir}. Register "
+              f"later with jobs/register.py --checkpoint <final checkpoint> --name "
+              f"{cfg.register_name or 'fdrl-' + cfg.dataset}", flush=True)
+        return None
+    return register_trained(cfg, run_id, checkpoint_dir)  # warns, never raises
+
+
 def run_training(run: ResolvedRun, callbacks: Optional[list] = None,
                  train_loop: Optional[Callable[[dict], None]] = None) -> RunResult:
     """Train the run ``check_run`` passed. ``callbacks``: more Ray Train callbacks (Tune's report
@@ -257,10 +283,13 @@ def run_training(run: ResolvedRun, callbacks: Optional[list] = None,
                               eval_classifier=ensure_eval_classifier(cfg))
     info_path = run.run_dir / RUN_INFO
     previous = json.loads(info_path.read_text()) if cfg.resume and info_path.exists() else {}
-
+    # MLflow calls go through a spool on this machine's disk, replayed in order whenever the
+    # server answers; a resumed run reopens its spool (or its run, from another machine).
+    storage_key = hashlib.sha256(cfg.storage.encode()).hexdigest()[:12]
+    spool = home() / SPOOL_FOLDER / f"{cfg.run_name}-{storage_key}"
     tracker = Tracker(cfg.experiment, run_name=cfg.run_name, tracking_uri=cfg.tracking_uri or None,
                       run_id=previous.get("mlflow_run_id") or None,
-                      parent_run_id=cfg.mlflow_parent_run_id or None)
+                      parent_run_id=cfg.mlflow_parent_run_id or None, spool_dir=spool)
     if not previous:
         tracker.log_params(cfg.to_dict())
         tracker.set_tags({"dataset": cfg.dataset, "manifest_hash": manifest_hash(run.shard_set.root),
@@ -269,8 +298,7 @@ def run_training(run: ResolvedRun, callbacks: Optional[list] = None,
         if cfg.prior_path:
             tracker.log_artifact(cfg.prior_path, "prior")
     run.run_dir.mkdir(parents=True, exist_ok=True)
-    info_path.write_text(json.dumps({"mlflow_run_id": tracker.run_id or "", "config": cfg.to_dict()},
-                                    indent=1))
+    write_run_info(info_path, tracker, cfg)
 
     reports = Reports(cfg, run.run_dir, tracker)
     spec = TrainerSpec(train_loop or train_loop_per_worker, cfg.to_dict(), cfg.run_name,
@@ -295,11 +323,10 @@ def run_training(run: ResolvedRun, callbacks: Optional[list] = None,
         tracker.set_tags({"checkpoint_uri": checkpoint})
         with result.checkpoint.as_directory() as d:
             tracker.log_artifact(d, "checkpoint")
-            if tracker.run_id and cfg.register:  # MLflow reachable: register (warns, never raises)
-                from fdrl.tracking.registry import register_trained
-
-                model_uri = register_trained(cfg, tracker.run_id, d)
+            if cfg.register:
+                model_uri = _register(cfg, tracker, d)
     tracker.end("FINISHED")
+    write_run_info(info_path, tracker, cfg)
     return RunResult(config=cfg, run_dir=run.run_dir, checkpoint=checkpoint,
                      mlflow_run_id=tracker.run_id or "", model_uri=model_uri, wall_seconds=seconds,
                      used_gpu=use_gpu, metrics=dict(reports.last or result.metrics or {}))
