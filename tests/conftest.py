@@ -2,6 +2,27 @@ import pytest
 
 import fdrl  # noqa: F401  (sets the environment defaults before Ray or MLflow start: fdrl/env.py)
 
+# Tests that start Ray, a server or a job process are "integration" tests: the fast lane
+# (./dev test -m "not integration") leaves them out. A test is one if it uses one of these
+# fixtures, or if its module says so (pytestmark) because it starts them itself.
+INTEGRATION_FIXTURES = {"ray_cluster", "s3_server", "mlflow_server", "train", "hooks"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark integration tests; leave slow tests out unless the -m expression names them."""
+    wants_slow = "slow" in (config.option.markexpr or "") and "not slow" not in config.option.markexpr
+    keep, dropped = [], []
+    for item in items:
+        if INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+        if item.get_closest_marker("slow") and not wants_slow:
+            dropped.append(item)
+        else:
+            keep.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
+
 
 @pytest.fixture(scope="module")
 def ray_cluster():

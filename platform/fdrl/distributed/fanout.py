@@ -48,6 +48,9 @@ class ActorPool:
             raise ValueError(f"workers must be >= 1, got {workers}")
         connect()
         use_gpu = has_gpus() if gpu is None else gpu
+        # No more actors than the cluster could ever hold at once: the items queued on an actor
+        # that never starts would never run.
+        workers = max(1, min(workers, int(ray.cluster_resources().get("GPU" if use_gpu else "CPU", 1))))
         actor = ray.remote(**({"num_gpus": 1} if use_gpu else {"num_cpus": 1}))(_Actor)
         refs = [ray.put(obj) for obj in shared]  # once, however many actors read them
         self.actors = [actor.remote(use_gpu, setup, *refs) for _ in range(workers)]
