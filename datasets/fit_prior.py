@@ -18,7 +18,6 @@ import fdrl  # noqa: F401  (environment defaults before Ray and MLflow: fdrl/env
 
 import argparse
 import sys
-from pathlib import Path
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
 
-    from fdrl.workflows.priors import fit_prior_distributed
+    from fdrl.data import storage
+    from fdrl.workflows.priors import fit_prior_distributed, save_prior
 
     # On RAY_ADDRESS's cluster, or the cluster of a `ray job submit`, else a local Ray.
     try:
@@ -55,13 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    prior.save(out)
+    out = storage.resolve(args.out)
+    save_prior(prior, out)
     print(f"fitted {args.kind} Gaussian prior on {prior.count} images of shape "
           f"{shard_set.shape} from {len(shard_set.shards)} shards in {seconds:.1f} s")
-    print(f"wrote {out.resolve()} ({out.stat().st_size / 2**20:.1f} MiB)")
-    print(f"train with: --prior {args.kind} --prior-path {out.resolve()}")
+    print(f"wrote {out}")
+    print(f"train with: --prior {args.kind} --prior-path {out}")
     return 0
 
 

@@ -11,7 +11,7 @@ import fdrl  # noqa: F401  (environment defaults before Ray and MLflow: fdrl/env
 
 import argparse
 import sys
-from pathlib import Path
+
 
 
 def main(argv=None):
@@ -36,7 +36,7 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=2, help="Ray actors for FID features (GPUs if any)")
     p.add_argument("--extra-steps", type=int, default=None, help="kappa (default: the model's)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", required=True, help="output folder (a local path or an s3:// or gs:// URI)")
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--experiment", default="fdrl-eval")
     p.add_argument("--promote-if-better", choices=["fd", "kid_mean", "fid"], default=None,

@@ -30,7 +30,7 @@ import fdrl  # noqa: F401  (environment defaults before Ray and MLflow: fdrl/env
 import argparse
 import json
 import sys
-from pathlib import Path
+
 
 
 def main(argv=None):
@@ -55,7 +55,7 @@ def main(argv=None):
                         "model, i.e. its own flow noise (DGflow's 0.01 is for latent space, eta 0.1)")
     p.add_argument("--n", type=int, default=None, help="refine the first N samples (default: all, 256 from a model)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", required=True, help="output folder (a local path or an s3:// or gs:// URI)")
     p.add_argument("--data", default=None,
                    help="DGflow on images: labelled real shards for domain FD/KID before and after "
                         "(default: the MNIST-5k shards for a generator trained on mnist)")

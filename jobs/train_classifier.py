@@ -27,7 +27,7 @@ from fdrl.tracking.classifiers import EXPERIMENT
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=None,
+    p.add_argument("--data", default=None,
                    help="shard directory with .cls labels (default: builds data/mnist5k)")
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--batch", type=int, default=64)

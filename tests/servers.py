@@ -217,6 +217,9 @@ class MlflowServer:
         """SIGKILL (default) or SIGTERM to the server and its workers; waits until they exit."""
         _stop_group(self.proc, kill)
 
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
     def create_user(self, name: str, password: str) -> None:
         """A plain (non-admin) user, through the auth REST API as the admin."""
         r = requests.post(self.uri + "/api/2.0/mlflow/users/create",

@@ -93,3 +93,29 @@ def overlap_markers(folder: str, wait_for: int):
             worker.report = original
 
     return loop
+
+
+def pauses_at(steps, folder: str, timeout_s: float = 600):
+    """After reporting each step in ``steps``, rank 0 writes ``<folder>/reached-<step>`` and waits
+    until the test writes ``<folder>/go-<step>``: the test acts (kills a server, removes a node)
+    at a known point of the run. Every rank waits, so the run stands still meanwhile; on a
+    restart the pauses already passed are skipped."""
+
+    def after(cfg, state, rank):
+        if state.step not in steps:
+            return
+        marks = Path(folder)
+        marks.mkdir(parents=True, exist_ok=True)
+        go = marks / f"go-{state.step}"
+        if go.exists():  # passed before a restart
+            return
+        import ray
+
+        (marks / f"reached-{state.step}-rank{rank}").write_text(ray.get_runtime_context().get_node_id())
+        deadline = time.monotonic() + timeout_s
+        while not go.exists():  # a condition the test sets, not a delay
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nobody wrote {go} within {timeout_s} s")
+            time.sleep(0.05)
+
+    return _wrap_report(after)

@@ -53,7 +53,7 @@ def train_main(preset: TrainConfig, description: str, argv=None,
             print(json.dumps(run.to_dict(), indent=1))
             return 0
         result = run_training(check_run(run))
-    except (FileNotFoundError, ValueError, PermissionError, RunFailed) as err:
+    except (OSError, ValueError, RunFailed) as err:  # OSError: storage, tracking server, data
         sys.exit(f"error: {err}")
     grids = result.grids
     print("\n== done ==")

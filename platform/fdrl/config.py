@@ -72,6 +72,7 @@ class TrainConfig:
     register: bool = True  # register the final EMA model (sweeps register only their best trial)
     register_name: str = ""  # registered model name for the final checkpoint; empty: fdrl-<dataset>
     tracking_uri: str = ""  # empty: MLFLOW_TRACKING_URI or sqlite under the working directory
+    tracking_offline: bool = False  # start even when MLflow is unreachable: the run is created, and everything logged replayed, once it answers
     mlflow_parent_run_id: str = ""  # set by sweeps: the trial's run is nested under the sweep's
     eval_every: int = 0  # steps between domain-feature KID evaluations, at report steps (0: off)
     eval_samples: int = 256  # EMA samples and real images per KID evaluation

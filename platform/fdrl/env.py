@@ -22,3 +22,9 @@ def home() -> Path:
     """Where local defaults live (runs, fitted priors, caches, the sqlite MLflow store):
     $FDRL_HOME, else the working directory."""
     return Path(os.environ.get("FDRL_HOME") or os.getcwd()).expanduser().resolve()
+
+
+def cache_dir() -> Path:
+    """This machine's cache of files kept in object storage (priors, FID reference statistics,
+    classifier weights): $FDRL_CACHE, else ~/.cache/fdrl."""
+    return Path(os.environ.get("FDRL_CACHE") or Path.home() / ".cache" / "fdrl").expanduser().resolve()

@@ -4,7 +4,7 @@ the optimizer, scheduler and RNG states, JSON for the config. Nothing is unpickl
 A checkpoint is complete or it does not count: every file is fsynced, and ``checkpoint.json``,
 written last, lists each file's sha256. ``verify_checkpoint`` checks them; a crash or a full
 disk mid-write leaves a folder without a valid manifest, which restarts skip in favour of the
-previous checkpoint (``newest_valid``).
+previous checkpoint.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -87,15 +87,3 @@ def load_checkpoint(directory: str | Path, state: TrainState, device="cpu") -> t
     meta = load_meta(d)
     state.step = int(meta["step"])
     return meta, blob["rank_states"]
-
-
-def newest_valid(candidates: Sequence[str | Path], warn=print) -> Optional[Path]:
-    """The first of ``candidates`` (newest first) that verifies; each one skipped is named
-    through ``warn``."""
-    for candidate in candidates:
-        try:
-            verify_checkpoint(candidate)
-            return Path(candidate)
-        except CorruptCheckpointError as err:
-            warn(f"warning: skipping a bad checkpoint: {err}")
-    return None

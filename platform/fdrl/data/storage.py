@@ -591,3 +591,28 @@ def local_copy(path, cache_dir, key: str) -> Path:
     else:
         copy_file(path, dest)
     return Path(dest)
+
+
+def node_copy(path) -> Path:
+    """A local path for ``path``: itself if local, else a copy downloaded once per node into the
+    node's cache (``fdrl.env.cache_dir``), keyed by the URI. For files named by what determines
+    them (fitted priors, FID reference statistics, classifier weights), which never change."""
+    from fdrl.env import cache_dir
+
+    if not is_uri(path):
+        return Path(resolve(path))
+    return local_copy(path, cache_dir(), hashlib.sha256(resolve(path).encode()).hexdigest()[:16])
+
+
+@contextlib.contextmanager
+def staged_dir(dest) -> Iterator[Path]:
+    """A local folder to write a job's outputs into: ``dest`` itself when it is local, else a
+    temporary folder whose files are uploaded to ``dest`` when the block succeeds."""
+    if not is_uri(dest):
+        path = Path(resolve(dest))
+        path.mkdir(parents=True, exist_ok=True)
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="fdrl-out-") as tmp:
+        yield Path(tmp)
+        put_dir(tmp, dest)

@@ -79,8 +79,11 @@ class ActorPool:
         with tqdm(total=total, desc=f"{desc} ({len(self.actors)} workers)", disable=not progress,
                   unit="img" if sizes is not None else "item") as bar:
             while pending:
-                (ref,), _ = ray.wait(list(pending), num_returns=1)
-                actor, index = pending.pop(ref)
+                done, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+                if not done:  # waited in slices, so signals (Ctrl-C, timeouts) get through
+                    continue
+                actor, index = pending.pop(done[0])
+                ref = done[0]
                 ready[index] = ray.get(ref)
                 bar.update(sizes[index] if sizes is not None else 1)
                 if queue:

@@ -34,7 +34,8 @@ from fdrl.core.networks import build_network
 from fdrl.core.priors import Prior, model_prior
 from fdrl.core.sampler import sample
 from fdrl.core.step import TrainState, make_state, train_step
-from fdrl.data.checkpoint import CorruptCheckpointError, load_checkpoint, newest_valid
+from fdrl.data import storage
+from fdrl.data.checkpoint import CorruptCheckpointError, load_checkpoint, save_checkpoint
 from fdrl.data.images import save_grid
 from fdrl.data.manifest import ShardSet, open_shard_set
 from fdrl.data.prefetch import BatchPrefetcher
@@ -121,14 +122,21 @@ def restore(cfg: TrainConfig, state: TrainState, generator: torch.Generator, dev
 
 
 def _restore_older(cfg: TrainConfig, bad: str, state: TrainState, device) -> list[dict]:
-    run_dir = Path(cfg.storage) / cfg.run_name
-    older = sorted((p for p in run_dir.glob("checkpoint_*") if p.is_dir() and str(p) != bad),
-                   reverse=True)
-    found = newest_valid(older, warn=_console)
-    if found is None:
-        raise CorruptCheckpointError(f"no valid checkpoint left in {run_dir}")
-    _console(f"restoring {found} instead")
-    return load_checkpoint(found, state, device)[1]
+    """The newest checkpoint of the run folder (in its storage) other than ``bad`` that loads."""
+    run_dir = storage.join(cfg.storage, cfg.run_name)
+    for candidate in reversed(storage.glob(run_dir, "checkpoint_*")):  # names sort by time
+        if storage.name(candidate) == storage.name(bad):
+            continue
+        fs, inner = storage.filesystem(candidate) if storage.is_uri(candidate) else (None, candidate)
+        try:
+            with ray.train.Checkpoint(inner, filesystem=fs).as_directory() as d:
+                rank_states = load_checkpoint(d, state, device)[1]
+        except CorruptCheckpointError as err:
+            _console(f"warning: skipping a bad checkpoint: {err}")
+            continue
+        _console(f"restored {candidate} instead")
+        return rank_states
+    raise CorruptCheckpointError(f"no valid checkpoint left in {run_dir}")
 
 
 def open_prior(cfg: TrainConfig, shape, rank: int = 0, world: int = 1,
@@ -139,7 +147,8 @@ def open_prior(cfg: TrainConfig, shape, rank: int = 0, world: int = 1,
         prior = SourcePrior.open(cfg.source, rank, world, cfg.seed, cfg.hflip, position)
         check_domains(prior.shape, shape)
         return prior
-    return model_prior(cfg.prior, shape, cfg.prior_path or None).to(device)
+    path = storage.node_copy(cfg.prior_path) if cfg.prior_path else None  # once per node
+    return model_prior(cfg.prior, shape, path).to(device)
 
 
 def rank_state(generator: torch.Generator, batches: BatchPrefetcher, prior: Prior) -> dict:
@@ -167,8 +176,6 @@ def report(cfg: TrainConfig, state: TrainState, metrics: dict, evaluations, rank
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if evaluations is not None:
-            from fdrl.data.checkpoint import save_checkpoint
-
             save_checkpoint(tmp, state, cfg.to_dict(), rank_states)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint)
@@ -195,15 +202,15 @@ class RankZeroEvaluations:
             from fdrl.eval.classifier import load_classifier
             from fdrl.eval.evaluation import DomainKID
 
-            self.kid = DomainKID(load_classifier(cfg.eval_classifier), shard_set, cfg.eval_samples,
-                                 cfg.seed, device)
+            self.kid = DomainKID(load_classifier(storage.node_copy(cfg.eval_classifier)), shard_set,
+                                 cfg.eval_samples, cfg.seed, device)
         if cfg.fid:
             from fdrl.eval.training_fid import TrainingFID
 
             # On CPU rank 0 borrows the other ranks' threads: they wait at the next collective.
             threads = cfg.threads * world if device.type == "cpu" else 0
-            self.fid = TrainingFID(cfg.fid_reference, cfg.fid_samples, cfg.seed, cfg.fid_every,
-                                   device, cfg.fid_weights, threads)
+            self.fid = TrainingFID(storage.node_copy(cfg.fid_reference), cfg.fid_samples, cfg.seed,
+                                   cfg.fid_every, device, cfg.fid_weights, threads)
 
     def __call__(self, state: TrainState, step: int, final: bool, prior: Prior, pairing,
                  flow: FlowSettings) -> dict:
@@ -215,7 +222,8 @@ class RankZeroEvaluations:
             self.last["fid_seconds"] = self.fid.seconds
         if step % cfg.sample_every == 0 or final:
             x = grid_samples(cfg, state.ema, self.eval_prior(prior), pairing, flow, self.device)
-            save_grid(x, grid_path(cfg, step))
+            with tempfile.TemporaryDirectory() as tmp:  # into the run folder, wherever it is
+                storage.put_file(save_grid(x, Path(tmp) / "grid.png"), grid_path(cfg, step))
         return dict(self.last)
 
     def eval_prior(self, prior: Prior) -> Prior:
@@ -232,9 +240,9 @@ def grid_samples(cfg: TrainConfig, net, prior, pairing, flow, device="cpu"):
                   device=device).x
 
 
-def grid_path(cfg: TrainConfig, step: int) -> Path:
+def grid_path(cfg: TrainConfig, step: int) -> str:
     """Where the grid of ``step`` goes: <storage>/<run>/samples/step_NNNNNNN.png."""
-    return Path(cfg.storage) / cfg.run_name / "samples" / f"step_{step:07d}.png"
+    return storage.join(cfg.storage, cfg.run_name, "samples", f"step_{step:07d}.png")
 
 
 class ReportClock:

@@ -138,9 +138,11 @@ def classify(err: BaseException) -> tuple[bool, BaseException, str]:
 
 def describe(cause: BaseException) -> str:
     """One line for the user: a full disk says so; anything else is 'Type: message'."""
-    if isinstance(cause, OSError) and cause.errno == errno.ENOSPC:
-        return (f"the storage is full ({cause.filename or cause}): free space, then continue with "
-                "--resume from the last complete checkpoint")
+    full = isinstance(cause, OSError) and cause.errno == errno.ENOSPC
+    if full or "No space left on device" in str(cause):  # pyarrow's copies set no errno
+        where = getattr(cause, "filename", None) or _first_line(cause)
+        return (f"the storage is full ({where}): free space, then continue with --resume from "
+                "the last complete checkpoint")
     return f"{type(cause).__name__}: {_first_line(cause)}"
 
 

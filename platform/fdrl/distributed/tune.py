@@ -9,7 +9,6 @@ What a trial trains, and what the sweep does with the results, is ``fdrl.workflo
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any, Callable
 
 from ray import tune
@@ -51,18 +50,19 @@ def trial_function(train: Callable[[dict, str, list], None]) -> Callable[[dict],
     return run_trial
 
 
-def build_tuner(trial: Callable[[dict], None], base: dict, spec: dict[str, Any], sweep_dir: Path, *,
+def build_tuner(trial: Callable[[dict], None], base: dict, spec: dict[str, Any], sweep_dir: str, *,
                 num_samples: int, metric_key: str, max_steps: int, max_concurrent: int,
                 grace_period: int, extra_trials: list[dict], resume: bool) -> tune.Tuner:
-    """A Tuner over ``trial`` (restored from ``sweep_dir/tune`` with ``resume``)."""
+    """A Tuner over ``trial`` (restored from ``sweep_dir/tune`` with ``resume``); ``sweep_dir``
+    is a folder or an object-store URI, which Tune writes to itself."""
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     param_space = {**base, **to_tune_space(spec)}
     trainable = tune.with_resources(trial, {"cpu": TRIAL_DRIVER_CPU})
-    tune_path = sweep_dir / "tune"
-    if resume and tune.Tuner.can_restore(str(tune_path)):
-        return tune.Tuner.restore(str(tune_path), trainable=trainable, param_space=param_space)
+    tune_path = f"{sweep_dir.rstrip('/')}/tune"
+    if resume and tune.Tuner.can_restore(tune_path):
+        return tune.Tuner.restore(tune_path, trainable=trainable, param_space=param_space)
     return tune.Tuner(
         trainable, param_space=param_space,
         tune_config=tune.TuneConfig(
@@ -74,4 +74,4 @@ def build_tuner(trial: Callable[[dict], None], base: dict, spec: dict[str, Any],
             # search algorithm is passed in, and would start every trial at once.
             search_alg=BasicVariantGenerator(points_to_evaluate=list(extra_trials) or None,
                                              max_concurrent=max_concurrent)),
-        run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir)))
+        run_config=tune.RunConfig(name="tune", storage_path=sweep_dir))

@@ -42,17 +42,25 @@ class DomainKID:
         return mean
 
 
-def ensure_classifier(shard_dir: str | Path, storage: Path, manifest: str, epochs: int = 6) -> str:
-    """A feature classifier for this dataset, trained once per manifest and kept as a folder."""
-    folder = storage / "classifiers" / manifest[:16]
-    if (folder / "model.safetensors").exists():
-        return str(folder)
+def ensure_classifier(shard_dir: str, root: str, manifest: str, epochs: int = 6) -> str:
+    """A feature classifier for this dataset, trained once per manifest and kept as a folder
+    under ``root`` (a folder or an object-store URI)."""
+    import tempfile
+
+    from fdrl.data import storage
+
+    folder = storage.join(str(root), "classifiers", manifest[:16])
+    if storage.is_file(storage.join(folder, "model.safetensors")):
+        return folder
     images, labels, keys = load_labeled(shard_dir)
     result = train_classifier(images, labels, keys, epochs=epochs, log=None)
-    save_classifier(result.model, folder, {"heldout_accuracy": result.heldout_accuracy})
+    with tempfile.TemporaryDirectory() as tmp:
+        local = save_classifier(result.model, Path(tmp) / "clf",
+                                {"heldout_accuracy": result.heldout_accuracy})
+        storage.put_dir(local, folder)
     print(f"feature classifier: held-out accuracy {result.heldout_accuracy:.4f} "
           f"({result.seconds:.0f} s) -> {folder}")
-    return str(folder)
+    return folder
 
 
 # ------------------------------------------------------------------ offline model evaluation

@@ -82,17 +82,19 @@ def open_classifier(spec: str, tracking_uri: Optional[str] = None) -> MnistClass
     return load_classifier(spec)
 
 
-def classifier_folder(spec: str, root: Path, tracking_uri: Optional[str] = None) -> str:
+def classifier_folder(spec: str, root: str, tracking_uri: Optional[str] = None) -> str:
     """``spec`` as a folder that processes without MLflow access can load (training workers): a
     folder is returned as it is; a ``models:/`` classifier is verified and saved once per version
-    as ``root/NAME-vVERSION``."""
+    as ``root/NAME-vVERSION`` (``root``: a folder or an object-store URI)."""
     if not str(spec).startswith("models:/"):
         return str(spec)
+    from fdrl.data import storage
     from fdrl.tracking.registry import _client, registered_version
 
     version, _ = registered_version(_client(tracking_uri), spec)
-    folder = Path(root) / f"{version.name}-v{version.version}"
-    if not (folder / WEIGHTS_FILE).is_file():
+    folder = storage.join(root, f"{version.name}-v{version.version}")
+    if not storage.is_file(storage.join(folder, WEIGHTS_FILE)):
         model = load_registered_classifier(f"models:/{version.name}/{version.version}", tracking_uri)
-        save_classifier(model, folder, model.info)
-    return str(folder)
+        with tempfile.TemporaryDirectory() as tmp:
+            storage.put_dir(save_classifier(model, Path(tmp) / "clf", model.info), folder)
+    return folder

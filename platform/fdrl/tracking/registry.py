@@ -42,6 +42,7 @@ from fdrl.config import TrainConfig
 from fdrl.core.divergences import Pairing, get_pairing
 from fdrl.core.networks import build_network
 from fdrl.core.priors import Prior, model_prior
+from fdrl.data import storage
 from fdrl.data.hashing import sha256_file
 from fdrl.core.flow import FlowSettings
 from fdrl.core.chunks import CHUNK
@@ -174,9 +175,9 @@ def log_fdrl_model(run_id: str, checkpoint_dir: str | Path, prior_path: Optional
         files = {"weights": stage / WEIGHTS, "config": stage / CONFIG}
         shutil.copyfile(checkpoint_dir / WEIGHTS, files["weights"])
         files["config"].write_text(json.dumps(cfg.to_dict(), indent=1, sort_keys=True))
-        if prior_path:
+        if prior_path:  # a local path or a URI
             files["prior"] = stage / PRIOR
-            shutil.copyfile(prior_path, files["prior"])
+            storage.get_file(prior_path, files["prior"])
         elif cfg.prior not in ("uniform", "gaussian", "source"):
             raise ValueError(f"prior {cfg.prior!r} is fitted: pass its .safetensors file")
         # Fail here, before anything is registered, if weights, prior and config do not fit.

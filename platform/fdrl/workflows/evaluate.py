@@ -15,6 +15,8 @@ from typing import Optional
 
 import torch
 
+from fdrl.data import storage
+
 METRICS = ("fd", "kid_mean", "precision", "recall", "fid", "fid_kid_mean")
 
 
@@ -38,23 +40,22 @@ def evaluate_model(**options) -> dict:
         raise ValueError(f"--promote-if-better {args.promote_if_better} needs a labelled dataset; use fid")
     flow = FlowSettings.from_config(model.config, extra_steps=args.extra_steps)
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     staged = flow_stages(model, min(args.n, args.domain_n), args.seed, flow)
     results: dict[str, dict] = {}
-    if labelled:
-        _domain_metrics(args, data, staged, results, out)
-    if args.fid:
-        for stage, m in _standard_fid(args, model, data, flow).items():
-            results.setdefault(stage, {}).update(m)
-    table = _markdown(results, model, flow.extra_steps)
-    (out / "metrics.md").write_text(table + "\n")
-    (out / "metrics.json").write_text(json.dumps({"stages": results, "kl_curve": staged["kl_curve"],
-                                                  "labelled": labelled}, indent=1))
-    _plot_curve(staged["kl_curve"], flow.flow_steps, out / "kl_curve.png")
-    save_grid(interpolation(model, 6, 8, args.seed, flow), out / "interpolation.png", nrow=8)
-    save_grid(staged["samples"]["K+kappa"][:64], out / "samples.png")
-    promoted = _log(args, model, results, staged["kl_curve"], out)
+    with storage.staged_dir(args.out) as out:  # a folder, or uploaded to a URI at the end
+        if labelled:
+            _domain_metrics(args, data, staged, results, out)
+        if args.fid:
+            for stage, m in _standard_fid(args, model, data, flow).items():
+                results.setdefault(stage, {}).update(m)
+        table = _markdown(results, model, flow.extra_steps)
+        (out / "metrics.md").write_text(table + "\n")
+        (out / "metrics.json").write_text(json.dumps({"stages": results, "kl_curve": staged["kl_curve"],
+                                                      "labelled": labelled}, indent=1))
+        _plot_curve(staged["kl_curve"], flow.flow_steps, out / "kl_curve.png")
+        save_grid(interpolation(model, 6, 8, args.seed, flow), out / "interpolation.png", nrow=8)
+        save_grid(staged["samples"]["K+kappa"][:64], out / "samples.png")
+        promoted = _log(args, model, results, staged["kl_curve"], out)
     return {"stages": results, "kl_curve": staged["kl_curve"], "labelled": labelled,
             "promoted": promoted, "table": table}
 
@@ -81,7 +82,10 @@ def domain_classifier(data: str, classifier: Optional[str], tracking_uri: Option
     from fdrl.eval.classifier import load_classifier
     from fdrl.eval.evaluation import ensure_classifier
 
-    return load_classifier(ensure_classifier(data, Path(storage_root("")), manifest_hash(data)))
+    from fdrl.data import storage
+
+    return load_classifier(storage.node_copy(ensure_classifier(data, storage_root(""),
+                                                                manifest_hash(data))))
 
 
 def _domain_metrics(args, data, staged, results: dict, out: Path) -> None:

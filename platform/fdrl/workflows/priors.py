@@ -3,10 +3,12 @@ cached once per (manifest hash, kind, rank) under the storage."""
 
 from __future__ import annotations
 
+import tempfile
 import time
 from pathlib import Path
 
 from fdrl.core.priors import Prior
+from fdrl.data import storage
 from fdrl.data.manifest import ShardSet, manifest_hash
 from fdrl.data.prior_fit import PriorFit, fit_prior, group_stats, shard_groups
 from fdrl.distributed.cluster import available_cpus
@@ -38,18 +40,25 @@ def _work(fit: PriorFit, shards: list[str]):
     return group_stats(fit, shards)
 
 
-def prior_cache_path(kind: str, rank: int, shard_set: ShardSet, storage: str) -> Path:
-    return Path(storage) / "priors" / f"{manifest_hash(shard_set.root)[:16]}-{kind}-{rank}.safetensors"
+def prior_cache_path(kind: str, rank: int, shard_set: ShardSet, root: str) -> str:
+    """Where a storage keeps the prior of a shard set: named by what determines it."""
+    return storage.join(root, "priors", f"{manifest_hash(shard_set.root)[:16]}-{kind}-{rank}.safetensors")
 
 
-def ensure_prior(kind: str, rank: int, seed: int, shard_set: ShardSet, path: str | Path) -> str:
-    """The prior file at ``path``, fitted first when it is not there yet."""
-    path = Path(path)
-    if path.exists():
+def save_prior(prior: Prior, path: str) -> None:
+    """A prior file written completely or not at all, wherever ``path`` is."""
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / storage.name(path)
+        prior.save(local)
+        storage.put_file(local, path)
+
+
+def ensure_prior(kind: str, rank: int, seed: int, shard_set: ShardSet, path: str) -> str:
+    """The prior file at ``path`` (a local path or a URI), fitted first when it is not there."""
+    if storage.exists(path):
         print(f"prior: reusing {path}")
-        return str(path)
+        return path
     prior, seconds = fit_prior_distributed(shard_set, kind, rank=rank, seed=seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    prior.save(path)
+    save_prior(prior, path)
     print(f"prior: fitted {kind} Gaussian on {prior.count} images in {seconds:.1f} s -> {path}")
-    return str(path)
+    return path

@@ -20,6 +20,7 @@ import torch
 
 from fdrl.core.chunks import CHUNK, chunks, merge
 from fdrl.core.chunks import Samples
+from fdrl.data import storage
 from fdrl.core.dgflow import (ChunkRefiner, RefineSettings, auto_steps, lipschitz_estimate,
                               paper_settings, refine, refine_item)
 
@@ -209,7 +210,7 @@ def write_outputs(out: Path, model, run, title: str) -> dict[str, Path]:
     return paths
 
 
-def refine_generator(generator: str, out: str | Path, *, method: str = "dgflow", f: str = "kl",
+def refine_generator(generator: str, out: str, *, method: str = "dgflow", f: str = "kl",
                      space: Optional[str] = None, steps: Optional[str | int] = None,
                      eta: Optional[float] = None, gamma: Optional[float] = None,
                      n: Optional[int] = None, seed: int = 0, workers: int = 0,
@@ -224,8 +225,8 @@ def refine_generator(generator: str, out: str | Path, *, method: str = "dgflow",
     FileNotFoundError or LookupError naming it, before any work. Returns the metrics summary."""
     from fdrl.tracking.generators import load_generator
     from fdrl.tracking.tracker import Tracker
+    from fdrl.workflows.sample import load_npy
 
-    out = Path(out)
     auto = steps == "auto"
     try:
         steps = None if auto or steps is None else int(steps)
@@ -237,10 +238,9 @@ def refine_generator(generator: str, out: str | Path, *, method: str = "dgflow",
     model.logit(use_corrector)  # no discriminator and no corrector: refuse before any work
     start = None
     if input:
-        path = Path(input)
-        if not path.is_file():
-            raise FileNotFoundError(f"input samples not found: {path}")
-        start = np.load(path, allow_pickle=False)[:n or None].astype(np.float32)
+        if not storage.is_file(input):
+            raise FileNotFoundError(f"input samples not found: {input}")
+        start = load_npy(input)[:n or None].astype(np.float32)
         if tuple(start.shape[1:]) != tuple(model.data_shape):
             raise ValueError(f"--input samples have shape {start.shape[1:]}, the model's data "
                              f"shape is {tuple(model.data_shape)}")
@@ -250,7 +250,6 @@ def refine_generator(generator: str, out: str | Path, *, method: str = "dgflow",
 
     s = run.settings
     title = f"{s.method}" + (f"-{s.f}" if s.method == "dgflow" else "") + f" ({s.space}, gamma {s.gamma})"
-    paths = write_outputs(out, model, run, title)
     base, refined = run.result.stages[0].numpy(), run.result.x.numpy()
     if tuple(model.data_shape) == (2,):
         before, after = quality(model, base, seed), quality(model, refined, seed)
@@ -258,28 +257,29 @@ def refine_generator(generator: str, out: str | Path, *, method: str = "dgflow",
         before, after = image_quality(model, base, refined, seed, data, classifier, tracking_uri)
     curve = run.result.log_r.tolist()
     summary = {"before": before, "after": after, "steps": s.steps, "mean_log_ratio_start": curve[0],
-               "mean_log_ratio_end": curve[-1], "n": len(refined), "samples": str(paths["samples"]),
-               "base": str(paths["base"])}
-    (out / "metrics.json").write_text(json.dumps(summary, indent=1))
-
+               "mean_log_ratio_end": curve[-1], "n": len(refined),
+               "samples": storage.join(str(out), "samples.npy"), "base": storage.join(str(out), "base.npy")}
     tags = {"model_uri": generator, "model_name": model.name, "model_version": model.version,
             "model_run_id": model.run_id, "method": s.method, "input": input or "generator"}
-    with Tracker(experiment, run_name=f"refine-{model.name}-v{model.version}-{title}",
-                 tracking_uri=tracking_uri, tags=tags) as t:
-        t.log_params({**s.__dict__, "n": summary["n"], "seed": seed, "workers": workers,
-                      "steps_auto": auto, "tol": tol if auto else None, "k_eff": run.k_eff,
-                      "corrector": "corrector" in model.nets and use_corrector})
-        t.log_metrics({**{f"before_{k}": v for k, v in before.items()},
-                       **{f"after_{k}": v for k, v in after.items()}}, s.steps)
-        for step, value in enumerate(curve):
-            t.log_metrics({"mean_log_ratio": value}, step)
-        for name in ("base", "samples", "plot", "curve", "curve_plot"):
-            t.log_artifact(paths[name])
-        t.log_artifact(out / "metrics.json")
+    with storage.staged_dir(out) as local:
+        paths = write_outputs(local, model, run, title)
+        (local / "metrics.json").write_text(json.dumps(summary, indent=1))
+        with Tracker(experiment, run_name=f"refine-{model.name}-v{model.version}-{title}",
+                     tracking_uri=tracking_uri, tags=tags) as t:
+            t.log_params({**s.__dict__, "n": summary["n"], "seed": seed, "workers": workers,
+                          "steps_auto": auto, "tol": tol if auto else None, "k_eff": run.k_eff,
+                          "corrector": "corrector" in model.nets and use_corrector})
+            t.log_metrics({**{f"before_{k}": v for k, v in before.items()},
+                           **{f"after_{k}": v for k, v in after.items()}}, s.steps)
+            for step, value in enumerate(curve):
+                t.log_metrics({"mean_log_ratio": value}, step)
+            for name in ("base", "samples", "plot", "curve", "curve_plot"):
+                t.log_artifact(paths[name])
+            t.log_artifact(local / "metrics.json")
     return summary
 
 
-def refine_with_ratio(model_uri: str, input: str, out: str | Path, *, steps: int = 25,
+def refine_with_ratio(model_uri: str, input: str, out: str, *, steps: int = 25,
                       eta: Optional[float] = None, gamma: Optional[float] = None,
                       n: Optional[int] = None, seed: int = 0, tracking_uri: Optional[str] = None,
                       experiment: str = "fdrl-refine") -> dict:
@@ -294,7 +294,6 @@ def refine_with_ratio(model_uri: str, input: str, out: str | Path, *, steps: int
     from fdrl.tracking.tracker import Tracker
     from fdrl.workflows.sample import load_samples
 
-    out = Path(out)
     model = load_fdrl_model(model_uri, tracking_uri)
     before = torch.from_numpy(load_samples(input, n, seed, tracking_uri)).float()
     check_input(before, model.net.in_shape)
@@ -304,21 +303,21 @@ def refine_with_ratio(model_uri: str, input: str, out: str | Path, *, steps: int
                      start=before, trace=True)
     after, curve = refined.x, refined.log_r.tolist()
 
-    out.mkdir(parents=True, exist_ok=True)
-    np.save(out / "refined.npy", after.numpy())
-    cols = 8
-    pairs = min(len(before) // cols, 4) or 1
-    rows = [t for i in range(pairs) for t in (before[i * cols:(i + 1) * cols], after[i * cols:(i + 1) * cols])]
-    save_grid(torch.cat(rows), out / "before_after.png", nrow=cols)
-    (out / "kl.json").write_text(json.dumps({"mean_log_r": curve, "eta": eta, "gamma": gamma}))
-    plot_curve(curve, out / "kl.png", ylabel="mean log r (KL diagnostic)")
-    with Tracker(experiment, run_name=f"refine-{model.name}-v{model.version}",
-                 tracking_uri=tracking_uri,
-                 tags={"model_uri": model_uri, "model_version": model.version, "input": input}) as t:
-        t.log_params({"steps": steps, "eta": eta, "gamma": gamma, "n": len(before)})
-        for step, value in enumerate(curve):
-            t.log_metrics({"kl_diagnostic": value}, step)
-        for name in ("before_after.png", "kl.png", "kl.json"):
-            t.log_artifact(out / name)
-    return {"refined": str(out / "refined.npy"), "n": len(before), "mean_log_r": curve,
+    with storage.staged_dir(out) as local:
+        np.save(local / "refined.npy", after.numpy())
+        cols = 8
+        pairs = min(len(before) // cols, 4) or 1
+        rows = [t for i in range(pairs) for t in (before[i * cols:(i + 1) * cols], after[i * cols:(i + 1) * cols])]
+        save_grid(torch.cat(rows), local / "before_after.png", nrow=cols)
+        (local / "kl.json").write_text(json.dumps({"mean_log_r": curve, "eta": eta, "gamma": gamma}))
+        plot_curve(curve, local / "kl.png", ylabel="mean log r (KL diagnostic)")
+        with Tracker(experiment, run_name=f"refine-{model.name}-v{model.version}",
+                     tracking_uri=tracking_uri,
+                     tags={"model_uri": model_uri, "model_version": model.version, "input": input}) as t:
+            t.log_params({"steps": steps, "eta": eta, "gamma": gamma, "n": len(before)})
+            for step, value in enumerate(curve):
+                t.log_metrics({"kl_diagnostic": value}, step)
+            for name in ("before_after.png", "kl.png", "kl.json"):
+                t.log_artifact(local / name)
+    return {"refined": storage.join(str(out), "refined.npy"), "n": len(before), "mean_log_r": curve,
             "eta": eta, "gamma": gamma}

@@ -9,6 +9,7 @@ labels, ``fdrl.core.guidance``) and flow given starting points (translation).
 
 from __future__ import annotations
 
+import io
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -21,6 +22,7 @@ from fdrl.core.chunks import CHUNK, chunks
 from fdrl.core.flow import FlowSettings
 from fdrl.core.guidance import check_classifier_fits
 from fdrl.core.sampler import ChunkSampler, draw_chunk, sample
+from fdrl.data import storage
 from fdrl.data.images import save_grid
 from fdrl.distributed.fanout import ActorPool
 
@@ -87,9 +89,11 @@ def sample_to_dir(model_uri: str, n: int, out_dir: str | Path, seed: int = 0, wo
     start = time.perf_counter()
     samples = sample_distributed(model, n, seed, workers, batch, flow, progress)
     seconds = time.perf_counter() - start
-    npy, grid = save_samples(samples, out_dir)
+    with storage.staged_dir(out_dir) as local:
+        save_samples(samples, local)
     return {"model": f"models:/{model.name}/{model.version}", "run_id": model.run_id,
-            "samples": str(npy), "grid": str(grid), "n": n, "seed": seed, "workers": workers,
+            "samples": storage.join(str(out_dir), "samples.npy"),
+            "grid": storage.join(str(out_dir), "grid.png"), "n": n, "seed": seed, "workers": workers,
             "batch": batch, "flow": asdict(flow), "seconds": seconds,
             "images_per_s": n / seconds}
 
@@ -103,11 +107,15 @@ def load_samples(spec: str, n: Optional[int], seed: int, tracking_uri: Optional[
         source = load_fdrl_model(spec, tracking_uri)
         drawn = sample(source.net, source.pairing, source.flow, n or 256, seed, prior=source.prior)
         return drawn.x.clamp(-1, 1).numpy()
-    path = Path(spec)
-    if not path.is_file():
-        raise FileNotFoundError(f"input samples not found: {path} (a .npy file or models:/NAME@ALIAS)")
-    array = np.load(path, allow_pickle=False)
+    if not storage.is_file(spec):
+        raise FileNotFoundError(f"input samples not found: {spec} (a .npy file or models:/NAME@ALIAS)")
+    array = load_npy(spec)
     return array[:n] if n else array
+
+
+def load_npy(path: str) -> np.ndarray:
+    """A .npy file, local or in object storage; never unpickled."""
+    return np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False)
 
 
 # ---------------------------------------------------------------- class-conditional, translation
@@ -160,23 +168,23 @@ def conditional_to_dir(model_uri: str, classifier_uri: str, label: str, n: int,
     rows = sample_distributed(model, n, seed, workers, batch, flow, progress,
                               classifier=classifier, phi=phi, labels=labels)
     seconds = time.perf_counter() - start
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    np.save(out / "samples.npy", rows if len(labels) > 1 else rows[0])
-    np.save(out / "labels.npy", np.repeat(np.asarray(labels, np.int64), n))
-    cols = min(n, GRID_COLUMNS)
-    grid = save_grid(torch.from_numpy(rows[:, :cols].reshape(-1, *rows.shape[2:])),
-                     out / "grid.png", nrow=cols)
     summary = {"kind": "conditional", "model": f"models:/{model.name}/{model.version}",
                "classifier": classifier_uri, "labels": labels, "phi": phi, "n_per_label": n,
                "seed": seed, "workers": workers, "batch": batch, "flow": asdict(flow),
                "seconds": seconds, "images_per_s": n * len(labels) / seconds,
-               "samples": str(out / "samples.npy"), "grid": str(grid)}
-    if log:
-        summary["mlflow_run_id"] = _log_run(
-            tracking_uri, {k: summary[k] for k in ("kind", "model", "classifier", "phi",
-                                                   "n_per_label", "seed", "batch", "flow")}
-            | {"labels": label}, [grid], {"fdrl.model_run_id": model.run_id})
+               "samples": storage.join(str(out_dir), "samples.npy"),
+               "grid": storage.join(str(out_dir), "grid.png")}
+    with storage.staged_dir(out_dir) as out:
+        np.save(out / "samples.npy", rows if len(labels) > 1 else rows[0])
+        np.save(out / "labels.npy", np.repeat(np.asarray(labels, np.int64), n))
+        cols = min(n, GRID_COLUMNS)
+        grid = save_grid(torch.from_numpy(rows[:, :cols].reshape(-1, *rows.shape[2:])),
+                         out / "grid.png", nrow=cols)
+        if log:
+            summary["mlflow_run_id"] = _log_run(
+                tracking_uri, {k: summary[k] for k in ("kind", "model", "classifier", "phi",
+                                                       "n_per_label", "seed", "batch", "flow")}
+                | {"labels": label}, [grid], {"fdrl.model_run_id": model.run_id})
     return summary
 
 
@@ -184,25 +192,25 @@ def load_source(spec: str | Path, shape: Sequence[int]) -> tuple[np.ndarray, Opt
     """Source images to translate, in their order: a .npy (N x C x H x W in [-1, 1]) or a shard
     folder (manifest order; its .cls labels too, when every sample has one). Refuses images
     whose shape is not the model's."""
-    path = Path(spec)
+    spec = str(spec)
     labels = None
-    if path.is_dir():
+    if storage.is_dir(spec):
         from fdrl.data.manifest import open_shard_set
         from fdrl.data.stream import StreamStats, iter_samples
 
         found, classes = [], []
-        for _, members, image in iter_samples(open_shard_set(path), StreamStats()):
+        for _, members, image in iter_samples(open_shard_set(spec), StreamStats()):
             found.append(image)
             classes.append(members.get("cls"))
         if not found:
-            raise ValueError(f"no readable images in {path}")
+            raise ValueError(f"no readable images in {spec}")
         images = torch.stack(found).numpy()
         if all(c is not None for c in classes):
             labels = np.asarray([int(c.decode().strip()) for c in classes], np.int64)
-    elif path.suffix == ".npy" and path.is_file():
-        images = np.load(path, allow_pickle=False).astype(np.float32, copy=False)
+    elif spec.endswith(".npy") and storage.is_file(spec):
+        images = load_npy(spec).astype(np.float32, copy=False)
     else:
-        raise FileNotFoundError(f"translation input not found: {path} (a shard folder or a .npy file)")
+        raise FileNotFoundError(f"translation input not found: {spec} (a shard folder or a .npy file)")
     if tuple(images.shape[1:]) != tuple(shape):
         raise ValueError(f"source images have shape {tuple(images.shape[1:])} but the model's "
                          f"target images have shape {tuple(shape)}: prepare the source at the "
@@ -225,26 +233,26 @@ def translate_to_dir(model_uri: str, source: str | Path, out_dir: str | Path, se
     translated = sample_distributed(model, len(images), seed, workers, batch, flow, progress,
                                     start=images)
     seconds = time.perf_counter() - start
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    np.save(out / "samples.npy", translated)
-    if labels is not None:
-        np.save(out / "source_labels.npy", labels)
-    k = min(len(images), 2 * GRID_COLUMNS)
-    if k > GRID_COLUMNS:
-        k -= k % GRID_COLUMNS  # whole rows, so each translated row sits under its sources
-    grid_images = _source_over_translated(images[:k], translated[:k])
-    grid = save_grid(torch.from_numpy(grid_images), out / "grid.png", nrow=min(k, GRID_COLUMNS))
     summary = {"kind": "translation", "model": f"models:/{model.name}/{model.version}",
                "source": str(source), "n": len(images), "seed": seed, "workers": workers,
                "batch": batch, "flow": asdict(flow), "seconds": seconds,
-               "images_per_s": len(images) / seconds, "samples": str(out / "samples.npy"),
-               "grid": str(grid)}
-    if log:
-        summary["mlflow_run_id"] = _log_run(
-            tracking_uri, {k: summary[k] for k in ("kind", "model", "source", "n", "seed", "batch",
-                                                   "flow")}, [grid],
-            {"fdrl.model_run_id": model.run_id})
+               "images_per_s": len(images) / seconds,
+               "samples": storage.join(str(out_dir), "samples.npy"),
+               "grid": storage.join(str(out_dir), "grid.png")}
+    with storage.staged_dir(out_dir) as out:
+        np.save(out / "samples.npy", translated)
+        if labels is not None:
+            np.save(out / "source_labels.npy", labels)
+        k = min(len(images), 2 * GRID_COLUMNS)
+        if k > GRID_COLUMNS:
+            k -= k % GRID_COLUMNS  # whole rows, so each translated row sits under its sources
+        grid_images = _source_over_translated(images[:k], translated[:k])
+        grid = save_grid(torch.from_numpy(grid_images), out / "grid.png", nrow=min(k, GRID_COLUMNS))
+        if log:
+            summary["mlflow_run_id"] = _log_run(
+                tracking_uri, {k: summary[k] for k in ("kind", "model", "source", "n", "seed",
+                                                       "batch", "flow")}, [grid],
+                {"fdrl.model_run_id": model.run_id})
     return summary
 
 

@@ -10,11 +10,13 @@ computed here and stored in both.
 
 from __future__ import annotations
 
+import tempfile
 import time
 from pathlib import Path
 from typing import Optional
 
 from fdrl.core.chunks import chunks
+from fdrl.data import storage
 from fdrl.data.hashing import sha256_file
 from fdrl.data.manifest import ShardSet, manifest_hash, open_shard_set
 from fdrl.distributed.fanout import ActorPool
@@ -51,42 +53,42 @@ def sample_stats(pool: ActorPool, n: int, seed: int, steps: Optional[int] = None
                           sizes=[c.size for c in todo], desc=desc, progress=progress), desc)
 
 
-def reference_cache(cache_dir: Optional[str | Path] = None) -> Path:
-    return Path(cache_dir) if cache_dir else home() / "fid_cache"
-
-
 def ensure_reference(data: str | Path, *, limit: Optional[int] = None, workers: int = 2,
-                     weights: Optional[str] = None, cache_dir: Optional[str | Path] = None,
+                     weights: Optional[str] = None, cache_dir: Optional[str] = None,
                      tracking_uri: Optional[str] = None, use_mlflow: bool = True,
-                     progress: bool = True) -> tuple[Path, str]:
-    """The reference statistics file of the shard set ``data``: local cache, else MLflow, else
-    computed on Ray and stored in both. Returns (path, where it came from: 'local' | 'mlflow' |
-    'computed')."""
+                     progress: bool = True) -> tuple[str, str]:
+    """The reference statistics file of the shard set ``data`` in ``cache_dir`` (a folder or a
+    URI; default $FDRL_HOME/fid_cache), named by what determines it: found there, else fetched
+    from MLflow, else computed on Ray and stored in both. Returns (path, where it came from:
+    'local' | 'mlflow' | 'computed')."""
     shard_set = open_shard_set(data)
     weights_sha = sha256_file(resolve_weights(weights))
     key = reference_key(manifest_hash(shard_set.root), weights_sha, limit)
-    cache = reference_cache(cache_dir)
-    path = cache / f"{key}.safetensors"
-    if path.is_file():
+    cache = cache_dir or str(home() / "fid_cache")
+    path = storage.join(cache, f"{key}.safetensors")
+    if storage.is_file(path):
         return path, "local"
-    if use_mlflow:
-        from fdrl.tracking.fid_reference import fetch_reference
+    with tempfile.TemporaryDirectory() as tmp:
+        if use_mlflow:
+            from fdrl.tracking.fid_reference import fetch_reference
 
-        got = fetch_reference(key, cache, tracking_uri)
-        if got is not None:
-            return got, "mlflow"
-    start = time.perf_counter()
-    items, _ = shard_items(shard_set, limit)
-    with ActorPool(min(workers, len(items)), FeatureWorker, weights) as pool:
-        stats = shard_stats(pool, shard_set, limit=limit, progress=progress)
-    stats.save(path)
-    if use_mlflow:
-        from fdrl.tracking.fid_reference import store_reference
+            got = fetch_reference(key, tmp, tracking_uri)
+            if got is not None:
+                storage.put_file(got, path)
+                return path, "mlflow"
+        start = time.perf_counter()
+        items, _ = shard_items(shard_set, limit)
+        with ActorPool(min(workers, len(items)), FeatureWorker, weights) as pool:
+            stats = shard_stats(pool, shard_set, limit=limit, progress=progress)
+        local = stats.save(Path(tmp) / f"{key}.safetensors")
+        storage.put_file(local, path)
+        if use_mlflow:
+            from fdrl.tracking.fid_reference import store_reference
 
-        store_reference(path, key, tracking_uri,
-                        {"data": str(shard_set.root), "limit": limit or "all",
-                         "images": stats.count, "weights_sha256": weights_sha,
-                         "seconds": round(time.perf_counter() - start, 1)})
+            store_reference(local, key, tracking_uri,
+                            {"data": str(shard_set.root), "limit": limit or "all",
+                             "images": stats.count, "weights_sha256": weights_sha,
+                             "seconds": round(time.perf_counter() - start, 1)})
     return path, "computed"
 
 
@@ -105,7 +107,7 @@ def stage_fids(model, data: str | Path, n: int, seed: int = 0, *, flow=None,
         stages = {"prior": 0, "K": flow.flow_steps, "K+kappa": flow.sampling_steps}
     ref_path, _ = ensure_reference(data, limit=reference_limit, workers=workers, weights=weights,
                                    tracking_uri=tracking_uri, progress=progress)
-    reference = FeatureStats.load(ref_path)
+    reference = FeatureStats.load(storage.node_copy(ref_path))
     shard_set = open_shard_set(data)
     out = {}
     model_parts = (model.net, model.prior, model.pairing, flow)

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 from typing import Any, Callable, Optional
 
 from fdrl.config import TrainConfig, storage_root
+from fdrl.data import storage
 from fdrl.core.divergences import PAIRINGS
 from fdrl.workflows.sweep_report import TrialRow, best_row, collect_rows, trial_id, write_report
 
@@ -36,7 +36,7 @@ STATUS = {"finished": "FINISHED", "stopped early": "KILLED", "failed": "FAILED"}
 @dataclasses.dataclass
 class SweepResult:
     rows: list[TrialRow]
-    folder: Path  # results.md, results.csv, results.png
+    folder: str  # results.md, results.csv, results.png (a folder or an object-store URI)
     best: Optional[TrialRow]
     model_uri: Optional[str]
 
@@ -50,7 +50,7 @@ def train_trial(config: dict, run_name: str, callbacks: list,
     run_training(check_run(resolve(cfg)), callbacks=callbacks, train_loop=train_loop)
 
 
-def trial_base_config(base: TrainConfig, sweep_dir: Path, parent_run_id: str) -> TrainConfig:
+def trial_base_config(base: TrainConfig, sweep_dir: str, parent_run_id: str) -> TrainConfig:
     """The config every trial starts from: a copy of ``base`` with the sweep's own settings."""
     from fdrl.distributed.tune import TRIAL_DRIVER_CPU
 
@@ -63,11 +63,11 @@ def trial_base_config(base: TrainConfig, sweep_dir: Path, parent_run_id: str) ->
         # fit beside it, and the second of two trials on 2 CPUs would wait for the first to finish.
         worker_cpus=base.worker_cpus or base.threads - 2 * TRIAL_DRIVER_CPU,
         register=False,  # only the best trial is registered, by the sweep
-        storage=str(sweep_dir / "trials"),
+        storage=storage.join(sweep_dir, "trials"),
     )
 
 
-def prepare_base(base: TrainConfig, metric: str, storage: Path) -> TrainConfig:
+def prepare_base(base: TrainConfig, metric: str, root: str) -> TrainConfig:
     """What every trial shares, prepared once before trials hold the CPUs: the prior, the
     feature classifier (``kid``) or the FID reference (``fid``)."""
     from fdrl.data.manifest import manifest_hash, open_shard_set
@@ -76,9 +76,9 @@ def prepare_base(base: TrainConfig, metric: str, storage: Path) -> TrainConfig:
 
     shard_set = open_shard_set(base.data)
     base = dataclasses.replace(base, tracking_uri=base.tracking_uri or default_tracking_uri(),
-                               data=str(shard_set.root), storage=str(storage))
+                               data=str(shard_set.root), storage=root)
     if not base.prior_path and base.prior in FITTED_PRIORS:
-        path = prior_cache_path(base.prior, base.prior_rank, shard_set, str(storage))
+        path = prior_cache_path(base.prior, base.prior_rank, shard_set, root)
         base = dataclasses.replace(base, prior_path=ensure_prior(
             base.prior, base.prior_rank, base.seed, shard_set, path))
     if metric == "kid":
@@ -87,7 +87,7 @@ def prepare_base(base: TrainConfig, metric: str, storage: Path) -> TrainConfig:
         base = dataclasses.replace(
             base, eval_every=base.eval_every or base.log_every,
             eval_classifier=base.eval_classifier or ensure_classifier(
-                base.data, storage, manifest_hash(base.data)))
+                base.data, root, manifest_hash(base.data)))
     if metric == "fid":
         from fdrl.workflows.train import ensure_fid_reference
 
@@ -110,14 +110,14 @@ def run_sweep(base: TrainConfig, spec: dict[str, Any], *, num_samples: int, metr
     if metric not in METRICS:
         raise ValueError(f"unknown sweep metric {metric!r}; valid: {', '.join(METRICS)}")
     metric_key = METRICS[metric]
-    storage = Path(storage_root(base))
-    sweep_dir = storage / name
-    sweep_dir.mkdir(parents=True, exist_ok=True)
+    root = storage_root(base)
+    sweep_dir = storage.join(root, name)
+    storage.check_writable(sweep_dir)
     connect()
-    base = prepare_base(base, metric, storage)
+    base = prepare_base(base, metric, root)
 
-    info_path = sweep_dir / "sweep.json"
-    previous = json.loads(info_path.read_text()) if resume and info_path.exists() else {}
+    info_path = storage.join(sweep_dir, "sweep.json")
+    previous = json.loads(storage.read_text(info_path)) if resume and storage.is_file(info_path) else {}
     parent = Tracker(base.experiment, run_name=name, tracking_uri=base.tracking_uri,
                      run_id=previous.get("mlflow_run_id") or None)
     if not previous:
@@ -125,7 +125,7 @@ def run_sweep(base: TrainConfig, spec: dict[str, Any], *, num_samples: int, metr
                            "sweep.metric": metric, "sweep.extra_trials": json.dumps(list(extra_trials)),
                            **{f"base.{k}": v for k, v in base.to_dict().items()}})
         parent.set_tags({"fdrl.kind": "sweep", "dataset": base.dataset})
-    info_path.write_text(json.dumps({"mlflow_run_id": parent.run_id or ""}))
+    storage.write_text(info_path, json.dumps({"mlflow_run_id": parent.run_id or ""}))
 
     trial_base = trial_base_config(base, sweep_dir, parent.run_id or "")
     trial = trial_function(partial(train_trial, train_loop=train_loop))
@@ -135,10 +135,11 @@ def run_sweep(base: TrainConfig, spec: dict[str, Any], *, num_samples: int, metr
     grid = tuner.fit()
 
     searched = list(spec)
-    rows = collect_rows(grid, metric_key, Path(trial_base.storage), searched)
+    rows = collect_rows(grid, metric_key, trial_base.storage, searched)
     _close_trial_runs(rows, base.tracking_uri)
-    for artifact in write_report(rows, metric_key, searched, sweep_dir):
-        parent.log_artifact(artifact)
+    with storage.staged_dir(sweep_dir) as out:
+        for artifact in write_report(rows, metric_key, searched, out):
+            parent.log_artifact(artifact)
     best, model_uri = best_row(rows), None
     if best is not None:
         parent.set_tags({"best_trial": best.trial, "best_mlflow_run_id": best.mlflow_run_id})

@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from fdrl.data import storage
 from fdrl.workflows.train import RUN_INFO
 
 
@@ -31,14 +32,16 @@ def trial_id(result) -> str:
     return (result.metrics or {}).get("trial_id") or (found.group(1) if found else "?")
 
 
-def collect_rows(grid, metric_key: str, storage: Path, searched: list[str]) -> list[TrialRow]:
+def collect_rows(grid, metric_key: str, trials: str, searched: list[str]) -> list[TrialRow]:
+    """One row per trial of Tune's result grid; ``trials``: the folder (or URI) of the trials'
+    run folders, whose run info names each trial's MLflow run."""
     rows = []
     for result in grid:
         cfg = result.config or {}
         name = trial_id(result)
         metrics = result.metrics or {}
-        info_path = storage / f"trial-{name}" / RUN_INFO
-        info = json.loads(info_path.read_text()) if info_path.exists() else {}
+        info_path = storage.join(trials, f"trial-{name}", RUN_INFO)
+        info = json.loads(storage.read_text(info_path)) if storage.is_file(info_path) else {}
         error = ""
         if result.error is not None:
             error = _short_error(result.error)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from fdrl.config import TrainConfig, storage_root
+from fdrl.data import storage
 from fdrl.data.manifest import ShardSet, manifest_hash, open_shard_set
 from fdrl.env import home
 from fdrl.workflows.priors import FITTED_PRIORS, ensure_prior, prior_cache_path
@@ -33,8 +33,8 @@ REGISTER_WAIT_S = 120  # how long a finished run waits for MLflow to come back t
 
 @dataclass(frozen=True)
 class ResolvedRun:
-    config: TrainConfig  # every path absolute, run name, network and prior path filled in
-    run_dir: Path
+    config: TrainConfig  # every path absolute (or a URI), run name, network, prior path filled in
+    run_dir: str  # a folder or an object-store URI
     prior_to_fit: bool  # the data-dependent prior is not cached yet: the launcher fits it first
     shard_set: ShardSet = field(repr=False, compare=False)  # the opened manifest
 
@@ -50,7 +50,7 @@ class ResolvedRun:
 @dataclass(frozen=True)
 class RunResult:
     config: TrainConfig  # the config the workers ran with
-    run_dir: Path  # checkpoints, sample grids, fdrl_run.json
+    run_dir: str  # checkpoints, sample grids, fdrl_run.json (a folder or an object-store URI)
     checkpoint: Optional[str]  # the last checkpoint's folder
     mlflow_run_id: str  # empty when MLflow was unreachable
     model_uri: Optional[str]  # models:/NAME@candidate once registered
@@ -59,22 +59,24 @@ class RunResult:
     metrics: dict  # the last report
 
     @property
-    def grids(self) -> list[Path]:
-        return sorted((self.run_dir / "samples").glob("*.png"))
+    def grids(self) -> list[str]:
+        return storage.glob(storage.join(self.run_dir, "samples"), "*.png")
 
 
 # ------------------------------------------------------------------------------- resolve, check
 
 
-def _run_name(cfg: TrainConfig, storage: Path, now: datetime) -> str:
+def _run_name(cfg: TrainConfig, root: str, now: datetime) -> str:
     if cfg.run_name:
         return cfg.run_name
-    if cfg.resume:
-        runs = sorted((p for p in storage.glob(f"{cfg.dataset}-*") if (p / RUN_INFO).exists()),
-                      key=lambda p: p.stat().st_mtime)
+    if cfg.resume:  # the run whose run info was written last
+        infos = [storage.join(root, name, RUN_INFO) for name in storage.listdir(root)
+                 if name.startswith(f"{cfg.dataset}-")]
+        runs = sorted((storage.mtime(i), storage.name(storage.parent(i))) for i in infos
+                      if storage.is_file(i))
         if not runs:
-            raise FileNotFoundError(f"--resume: no run of {cfg.dataset!r} under {storage}")
-        return runs[-1].name
+            raise FileNotFoundError(f"--resume: no run of {cfg.dataset!r} under {root}")
+        return runs[-1][1]
     return f"{cfg.dataset}-{now:%Y%m%d-%H%M%S}"
 
 
@@ -88,34 +90,33 @@ def resolve(cfg: TrainConfig, now: Optional[datetime] = None) -> ResolvedRun:
     if not cfg.data:
         raise ValueError("--data PATH is required (a shard directory made by datasets/prepare.py)")
     shard_set = open_shard_set(cfg.data)  # a missing path fails here, on the driver, by name
-    storage = Path(storage_root(cfg))
+    root = storage_root(cfg)
     arch = cfg.arch
     if arch == "auto":
         arch = generic_arch(shard_set.shape, cfg.net_widths or NET_SIZES[cfg.net_size])
     prior_path, to_fit = cfg.prior_path, False
     if prior_path:
-        prior_path = str(Path(prior_path).expanduser().resolve())
+        prior_path = storage.resolve(prior_path)
     elif cfg.prior in FITTED_PRIORS:
-        cached = prior_cache_path(cfg.prior, cfg.prior_rank, shard_set, str(storage))
-        prior_path, to_fit = str(cached), not cached.exists()
-    cfg = dataclasses.replace(cfg, dataset=cfg.dataset or shard_set.root.name)
-    run_name = _run_name(cfg, storage, now or datetime.now())
+        prior_path = prior_cache_path(cfg.prior, cfg.prior_rank, shard_set, root)
+        to_fit = not storage.exists(prior_path)
+    cfg = dataclasses.replace(cfg, dataset=cfg.dataset or storage.name(str(shard_set.root)))
+    run_name = _run_name(cfg, root, now or datetime.now())
     resolved = dataclasses.replace(
-        cfg, data=str(shard_set.root), storage=str(storage), arch=arch, prior_path=prior_path,
-        run_name=run_name, source=str(Path(cfg.source).resolve()) if cfg.source else "",
+        cfg, data=str(shard_set.root), storage=root, arch=arch, prior_path=prior_path,
+        run_name=run_name, source=storage.resolve(cfg.source) if cfg.source else "",
         # Resolved here: workers run in other directories, where the sqlite default would differ.
         tracking_uri=cfg.tracking_uri or default_tracking_uri())
-    return ResolvedRun(resolved, storage / run_name, to_fit, shard_set)
+    return ResolvedRun(resolved, storage.join(root, run_name), to_fit, shard_set)
 
 
 def prior_file_shape(path: str | Path) -> tuple[int, ...]:
     """The shape a prior file was fitted for, from its safetensors metadata (tensors not loaded)."""
     from safetensors import safe_open
 
-    path = Path(path)
-    if not path.is_file():
+    if not storage.is_file(path):
         raise FileNotFoundError(f"prior file not found: {path}")
-    with safe_open(str(path), framework="pt") as f:
+    with safe_open(str(storage.node_copy(path)), framework="pt") as f:
         meta = f.metadata() or {}
     if "shape" not in meta:
         raise ValueError(f"{path} is not a prior file (no shape in its metadata)")
@@ -148,29 +149,39 @@ def check_run(run: ResolvedRun) -> ResolvedRun:
 
         check_domains(open_shard_set(cfg.source).shape, shape)
     if cfg.eval_every and not cfg.eval_classifier.startswith("models:/"):
-        if not (Path(cfg.eval_classifier) / "model.safetensors").is_file():
+        if not storage.is_file(storage.join(cfg.eval_classifier, "model.safetensors")):
             raise FileNotFoundError(
                 f"--eval-classifier {cfg.eval_classifier}: no model.safetensors there; "
                 "train one with jobs/train_classifier.py or pass models:/NAME@ALIAS")
-    info = run.run_dir / RUN_INFO
-    if cfg.resume and info.exists():
-        before = json.loads(info.read_text()).get("config", {})
+    info = storage.join(run.run_dir, RUN_INFO)
+    if cfg.resume and storage.is_file(info):
+        before = json.loads(storage.read_text(info)).get("config", {})
         if before.get("workers", cfg.workers) != cfg.workers:
             raise ValueError(f"run {cfg.run_name} was trained by {before['workers']} workers, this "
                              f"resume asks for {cfg.workers}: resume with --workers {before['workers']} "
                              "(the data order and RNG states are per worker)")
-    _check_writable(Path(cfg.storage))
+    try:
+        storage.check_writable(cfg.storage)
+    except OSError as err:
+        raise PermissionError(f"storage {cfg.storage} is not writable: {err}; pass a writable "
+                              "--storage or set FDRL_HOME") from None
+    check_tracking(cfg)
     return run
 
 
-def _check_writable(storage: Path) -> None:
+def check_tracking(cfg: TrainConfig) -> None:
+    """This process can write runs to the tracking server, or the user said to start without it
+    (--tracking-offline). Refused credentials always stop the run here."""
+    from fdrl.tracking.runs import TrackingUnreachableError, check_access
+
     try:
-        storage.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=storage, prefix=".fdrl-write-check-"):
-            pass
-    except OSError as err:
-        raise PermissionError(f"storage {storage} is not writable ({err.strerror or err}): "
-                              "pass a writable --storage or set FDRL_HOME") from None
+        check_access(cfg.tracking_uri, cfg.experiment)
+    except TrackingUnreachableError as err:
+        if not cfg.tracking_offline:
+            raise
+        print(f"warning: {str(err).split(': start the server')[0]}: training starts anyway "
+              "(--tracking-offline); its MLflow run is created, and everything logged replayed, "
+              "once the server answers", flush=True)
 
 
 def choose_gpu(setting: str, cluster_gpus: float) -> bool:
@@ -192,13 +203,13 @@ def choose_gpu(setting: str, cluster_gpus: float) -> bool:
 def ensure_fid_reference(cfg: TrainConfig) -> str:
     """With --fid: the reference statistics of fid_samples real images, computed once per
     dataset on Ray before the trainer starts (cached locally and in MLflow)."""
-    if not cfg.fid or (cfg.fid_reference and Path(cfg.fid_reference).is_file()):
+    if not cfg.fid or (cfg.fid_reference and storage.is_file(cfg.fid_reference)):
         return cfg.fid_reference
     from fdrl.workflows.standard_fid import ensure_reference
 
     path, source = ensure_reference(cfg.data, limit=cfg.fid_samples, workers=cfg.workers,
                                     weights=cfg.fid_weights or None, tracking_uri=cfg.tracking_uri,
-                                    cache_dir=Path(cfg.storage) / "fid_cache")
+                                    cache_dir=storage.join(cfg.storage, "fid_cache"))
     print(f"FID reference ({cfg.fid_samples} images): {source} -> {path}")
     return str(path)
 
@@ -210,7 +221,8 @@ def ensure_eval_classifier(cfg: TrainConfig) -> str:
         return cfg.eval_classifier
     from fdrl.tracking.classifiers import classifier_folder
 
-    return classifier_folder(cfg.eval_classifier, Path(cfg.storage) / "classifiers", cfg.tracking_uri)
+    return classifier_folder(cfg.eval_classifier, storage.join(cfg.storage, "classifiers"),
+                             cfg.tracking_uri)
 
 
 # ------------------------------------------------------------------------------- the run itself
@@ -228,7 +240,7 @@ class Reports:
     """Each report of rank 0, on the driver: its metrics and its sample grid to MLflow, its step
     line to the console."""
 
-    def __init__(self, cfg: TrainConfig, run_dir: Path, tracker):
+    def __init__(self, cfg: TrainConfig, run_dir: str, tracker):
         self.cfg, self.run_dir, self.tracker = cfg, run_dir, tracker
         self.last: dict = {}
 
@@ -237,17 +249,18 @@ class Reports:
         self.last = metrics
         self.tracker.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step)
         if step % self.cfg.sample_every == 0 or step == self.cfg.steps:
-            grid = self.run_dir / "samples" / f"step_{step:07d}.png"
-            if grid.is_file():
-                self.tracker.log_artifact(grid, "samples")
+            grid = storage.join(self.run_dir, "samples", f"step_{step:07d}.png")
+            if storage.is_file(grid):  # the tracker copies it into its spool at once
+                self.tracker.log_artifact(storage.node_copy(grid), "samples")
         print(step_line(step, self.cfg.steps, metrics), flush=True)
 
 
-def write_run_info(path: Path, tracker, cfg: TrainConfig) -> None:
-    """fdrl_run.json: the MLflow run (once it exists) and its spool, for --resume, and the config."""
-    path.write_text(json.dumps({"mlflow_run_id": tracker.run_id or "",
-                                "spool": str(tracker.spool_dir or ""), "config": cfg.to_dict()},
-                               indent=1))
+def write_run_info(path: str, tracker, cfg: TrainConfig) -> None:
+    """fdrl_run.json: the MLflow run (once it exists) and its spool, for --resume, and the config.
+    Written atomically (fsynced temp file, rename; one PUT on an object store)."""
+    storage.write_text(path, json.dumps({"mlflow_run_id": tracker.run_id or "",
+                                         "spool": str(tracker.spool_dir or ""),
+                                         "config": cfg.to_dict()}, indent=1))
 
 
 def _register(cfg: TrainConfig, tracker, checkpoint_dir) -> Optional[str]:
@@ -263,6 +276,16 @@ def _register(cfg: TrainConfig, tracker, checkpoint_dir) -> Optional[str]:
               f"{cfg.register_name or 'fdrl-' + cfg.dataset}", flush=True)
         return None
     return register_trained(cfg, run_id, checkpoint_dir)  # warns, never raises
+
+
+def _checkpoint_uri(root: str, checkpoint) -> Optional[str]:
+    """Ray's checkpoint path, with the scheme of the storage it is on (Ray keeps the path inside
+    its filesystem: ``bucket/prefix/...``)."""
+    if checkpoint is None:
+        return None
+    if storage.is_uri(root):
+        return f"{root.split('://', 1)[0]}://{checkpoint.path.lstrip('/')}"
+    return checkpoint.path
 
 
 def run_training(run: ResolvedRun, callbacks: Optional[list] = None,
@@ -281,8 +304,8 @@ def run_training(run: ResolvedRun, callbacks: Optional[list] = None,
         ensure_prior(cfg.prior, cfg.prior_rank, cfg.seed, run.shard_set, cfg.prior_path)
     cfg = dataclasses.replace(cfg, fid_reference=ensure_fid_reference(cfg),
                               eval_classifier=ensure_eval_classifier(cfg))
-    info_path = run.run_dir / RUN_INFO
-    previous = json.loads(info_path.read_text()) if cfg.resume and info_path.exists() else {}
+    info_path = storage.join(run.run_dir, RUN_INFO)
+    previous = json.loads(storage.read_text(info_path)) if cfg.resume and storage.is_file(info_path) else {}
     # MLflow calls go through a spool on this machine's disk, replayed in order whenever the
     # server answers; a resumed run reopens its spool (or its run, from another machine).
     storage_key = hashlib.sha256(cfg.storage.encode()).hexdigest()[:12]
@@ -296,8 +319,7 @@ def run_training(run: ResolvedRun, callbacks: Optional[list] = None,
                           "git_commit": git_commit() or "unknown", "pairing": cfg.pairing,
                           "eta": cfg.eta, "flow_steps": cfg.flow_steps, "nu": cfg.nu, "lr": cfg.lr})
         if cfg.prior_path:
-            tracker.log_artifact(cfg.prior_path, "prior")
-    run.run_dir.mkdir(parents=True, exist_ok=True)
+            tracker.log_artifact(storage.node_copy(cfg.prior_path), "prior")
     write_run_info(info_path, tracker, cfg)
 
     reports = Reports(cfg, run.run_dir, tracker)
@@ -318,7 +340,7 @@ def run_training(run: ResolvedRun, callbacks: Optional[list] = None,
     seconds = time.perf_counter() - start
     tracker.log_metrics({"train_wall_seconds": seconds}, cfg.steps)
     model_uri = None
-    checkpoint = result.checkpoint.path if result.checkpoint is not None else None
+    checkpoint = _checkpoint_uri(cfg.storage, result.checkpoint)
     if result.checkpoint is not None:
         tracker.set_tags({"checkpoint_uri": checkpoint})
         with result.checkpoint.as_directory() as d:
