@@ -105,15 +105,23 @@ def layer_breaks(graph: dict[str, set[str]]) -> list[str]:
 
 
 def framework_breaks() -> list[str]:
+    """Ray or MLflow imported outside its glue package, and modules of a glue package that are
+    not glue: a module is glue when it imports the framework, or imports or is imported by a glue
+    module of its package (the machinery behind it, like the tracker's spool)."""
+    files, graph = _files(), import_graph()
+    roots = {m: {n.split(".")[0] for n in _imported_names(p)} for m, p in files.items()}
     breaks = []
-    for module, path in sorted(_files().items()):
-        roots = {n.split(".")[0] for n in _imported_names(path)}
-        for framework, home in FRAMEWORKS.items():
-            inside = package_of(module) == home and not module.endswith("__init__") and module != home
-            if framework in roots and not inside:
-                breaks.append(f"{module} imports {framework} (only {home} may)")
-            if inside and framework not in roots:
-                breaks.append(f"{module} is in {home} but is no {framework} glue (imports no {framework})")
+    for framework, home in FRAMEWORKS.items():
+        members = {m for m in files if package_of(m) == home and m != home}
+        breaks += [f"{m} imports {framework} (only {home} may)" for m in sorted(files)
+                   if framework in roots[m] and m not in members]
+        glue = {m for m in members if framework in roots[m]}
+        while True:
+            more = {m for m in members - glue if graph[m] & glue or any(m in graph[g] for g in glue)}
+            if not more:
+                break
+            glue |= more
+        breaks += [f"{m} is in {home} but is no {framework} glue" for m in sorted(members - glue)]
     return breaks
 
 

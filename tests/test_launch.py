@@ -40,7 +40,7 @@ def test_resolve_fills_the_run_and_leaves_its_input_alone(shards, tmp_path, monk
     assert cfg == before
     c = run.config
     assert c.data == str(shards.resolve()) and c.storage == str(tmp_path / "here")
-    assert c.run_name == "digits-20260102-030405" and run.run_dir == tmp_path / "here" / c.run_name
+    assert c.run_name == "digits-20260102-030405" and run.run_dir == str(tmp_path / "here" / c.run_name)
     assert c.tracking_uri == f"sqlite:///{tmp_path}/mlflow.db"
     assert c.arch == "resnet:1x32x32:16,32,64" and run.data_shape == (1, 32, 32)
     assert c.prior_path.startswith(str(tmp_path / "here" / "priors")) and run.prior_to_fit

@@ -476,6 +476,7 @@ def _kill(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(300)
 def test_server_down_at_construction(tmp_path, fast_http_env):
     port = _free_port()
@@ -511,6 +512,7 @@ def _cpu_work() -> int:
     return sum(i * i for i in range(100_000))
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(600)
 def test_outage_loses_nothing(tmp_path, caplog, fast_http_env):
     """Issue 22: a real server SIGKILLed mid-run and back after more than a minute (longer than

@@ -29,7 +29,7 @@ def register_classifier(result: TrainResult, name: str, *, tracking_uri: Optiona
     from mlflow.models import infer_signature
     from mlflow.tracking import MlflowClient
 
-    from fdrl.tracking.tracker import default_tracking_uri, ensure_experiment, flatten_params
+    from fdrl.tracking.backend import default_tracking_uri, ensure_experiment, flatten_params
 
     tracking_uri = tracking_uri or default_tracking_uri()
     client = MlflowClient(tracking_uri)

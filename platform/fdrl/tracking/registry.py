@@ -96,7 +96,7 @@ def build_model_from_files(weights: str | Path, prior: Optional[str | Path],
 def _client(tracking_uri: Optional[str]):
     from mlflow.tracking import MlflowClient
 
-    from fdrl.tracking.tracker import default_tracking_uri
+    from fdrl.tracking.backend import default_tracking_uri
 
     return MlflowClient(tracking_uri or default_tracking_uri())
 
@@ -139,7 +139,7 @@ def register_verified(run_id: str, name: str, files: Sequence[Path], code: Path,
     import mlflow
     from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
-    from fdrl.tracking.tracker import default_tracking_uri
+    from fdrl.tracking.backend import default_tracking_uri
 
     tracking_uri = tracking_uri or default_tracking_uri()
     hashes = {f"{ARTIFACT_DIR}/{Path(p).name}": sha256_file(p) for p in files}
@@ -332,7 +332,7 @@ def verified_version(uri: str, tracking_uri: Optional[str] = None) -> Iterator[V
     into a temporary folder, for reading through ``VerifiedVersion.read``."""
     from mlflow.artifacts import download_artifacts
 
-    from fdrl.tracking.tracker import default_tracking_uri
+    from fdrl.tracking.backend import default_tracking_uri
 
     tracking_uri = tracking_uri or default_tracking_uri()
     client = _client(tracking_uri)

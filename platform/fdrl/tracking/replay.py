@@ -29,7 +29,7 @@ def replay(spool_dir: str | Path, tracking_uri: str | None = None, timeout: floa
     returns the run id. Retries while MLflow is unreachable, for up to ``timeout`` seconds
     (None: no limit). Raises SpoolError if a live tracker owns the spool, ReplayError if
     MLflow refused the run or ``timeout`` passed with records left."""
-    from fdrl.tracking.tracker import set_fast_fail_env
+    from fdrl.tracking.backend import set_fast_fail_env
 
     spool_dir = Path(spool_dir)
     if not (spool_dir / JOURNAL).is_file():

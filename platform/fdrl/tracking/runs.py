@@ -23,7 +23,7 @@ def check_access(tracking_uri: str, experiment: str) -> None:
     """Raise ``TrackingAccessError`` or ``TrackingUnreachableError`` naming the server unless this
     process can write runs of ``experiment`` there: it creates the experiment when missing and
     sets a tag on it, the smallest write the server checks permissions for."""
-    from fdrl.tracking.tracker import ensure_experiment, set_fast_fail_env
+    from fdrl.tracking.backend import ensure_experiment, set_fast_fail_env
 
     set_fast_fail_env(tracking_uri)
     try:

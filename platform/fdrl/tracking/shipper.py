@@ -262,7 +262,7 @@ class Shipper:
 
     def uri(self) -> str:
         if not self.tracking_uri:
-            from fdrl.tracking.tracker import default_tracking_uri
+            from fdrl.tracking.backend import default_tracking_uri
 
             self.tracking_uri = self._first().get("tracking_uri") or default_tracking_uri()
         return self.tracking_uri
@@ -271,7 +271,7 @@ class Shipper:
         return bool(self._first().get("follow"))
 
     def _open_run(self, rec: dict) -> dict:
-        from fdrl.tracking.tracker import ensure_experiment
+        from fdrl.tracking.backend import ensure_experiment
 
         client = self._mlflow()
         tags = rec.get("tags") or {}

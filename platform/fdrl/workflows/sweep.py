@@ -71,7 +71,7 @@ def prepare_base(base: TrainConfig, metric: str, root: str) -> TrainConfig:
     """What every trial shares, prepared once before trials hold the CPUs: the prior, the
     feature classifier (``kid``) or the FID reference (``fid``)."""
     from fdrl.data.manifest import manifest_hash, open_shard_set
-    from fdrl.tracking.tracker import default_tracking_uri
+    from fdrl.tracking.backend import default_tracking_uri
     from fdrl.workflows.priors import FITTED_PRIORS, ensure_prior, prior_cache_path
 
     shard_set = open_shard_set(base.data)

@@ -84,7 +84,7 @@ def resolve(cfg: TrainConfig, now: Optional[datetime] = None) -> ResolvedRun:
     """The fully resolved run of ``cfg``, which is left unchanged. Reads the manifest and lists
     the storage folder; writes nothing and starts nothing."""
     from fdrl.core.networks import NET_SIZES, generic_arch
-    from fdrl.tracking.tracker import default_tracking_uri
+    from fdrl.tracking.backend import default_tracking_uri
 
     cfg = dataclasses.replace(cfg).validate()
     if not cfg.data:
