@@ -16,7 +16,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 import fdrl
-from fdrl.tracking import tracker as tracking
+from fdrl.tracking import backend
 from fdrl.tracking.replay import replay
 from fdrl.tracking.spool import JOURNAL, SpoolError, read_state
 from fdrl.tracking.tracker import (Tracker, default_artifact_root, default_tracking_uri, ensure_experiment,
@@ -42,14 +42,14 @@ def store(tmp_path_factory):
 def spool_home(tmp_path, monkeypatch):
     """Default spools go under $FDRL_HOME: keep them in the test's tmp folder."""
     home = tmp_path / "fdrl-home"
-    monkeypatch.setenv(tracking.DEFAULT_ROOT_ENV, str(home))
+    monkeypatch.setenv("FDRL_HOME", str(home))
     return home
 
 
 @pytest.fixture
 def fast_http_env(monkeypatch):
     # Tracker sets these process-wide when unset; delenv makes monkeypatch restore them after.
-    for k in tracking.FAST_FAIL_HTTP_ENV:
+    for k in backend.FAST_FAIL_HTTP_ENV:
         monkeypatch.delenv(k, raising=False)
 
 
@@ -81,12 +81,12 @@ def _steps(client: MlflowClient, run_id: str, key: str = "loss") -> list[int]:
 
 def test_defaults(monkeypatch, tmp_path):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv(tracking.DEFAULT_ROOT_ENV, raising=False)
+    monkeypatch.delenv("FDRL_HOME", raising=False)
     monkeypatch.chdir(tmp_path)
     assert default_tracking_uri() == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
     assert default_artifact_root() == (tmp_path.resolve() / "mlartifacts").as_uri()
     home = tmp_path / "home"
-    monkeypatch.setenv(tracking.DEFAULT_ROOT_ENV, str(home))
+    monkeypatch.setenv("FDRL_HOME", str(home))
     assert default_tracking_uri() == f"sqlite:///{home.resolve()}/mlflow.db"
     assert default_artifact_root() == (home.resolve() / "mlartifacts").as_uri()
     x = (tmp_path / "x").resolve()
@@ -100,7 +100,7 @@ def test_flatten_params_and_git():
                            "none": None, "long": "x" * 10_000})
     assert flat["opt.lr"] == "0.001" and flat["opt.betas.1"] == "0.99"
     assert flat["n"] == "3" and flat["empty"] == "{}" and flat["none"] == "None"
-    assert len(flat["long"]) == tracking.MAX_PARAM_VAL_LENGTH
+    assert len(flat["long"]) == backend.MAX_PARAM_VAL_LENGTH
     assert all(isinstance(v, str) for v in flat.values())
     head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
     if head.returncode == 0:  # a git checkout (CI clones one): the commit is HEAD's
@@ -126,7 +126,7 @@ def test_sqlite_roundtrip(store, tmp_path, spool_home):
         (tmp_path / "sample.png").unlink()  # the spool holds a copy made at call time
         t.log_dict({"a": [1, 2]}, "config/cfg.json")
         spool = t.spool_dir
-        assert spool.parent == spool_home.resolve() / tracking.SPOOL_ROOT
+        assert spool.parent == spool_home.resolve() / backend.SPOOL_ROOT
     assert t.dropped == {} and t.pending == 0
     assert not spool.exists()  # a default spool is removed once everything is shipped
 

@@ -8,8 +8,9 @@ import os
 import subprocess
 from pathlib import Path
 
+from fdrl.env import home
 
-DEFAULT_ROOT_ENV = "FDRL_HOME"
+
 SPOOL_ROOT = ".fdrl-spool"
 
 # MLflow's param value limit (mlflow.utils.validation); copied so importing this stays cheap.
@@ -29,9 +30,7 @@ FAST_FAIL_HTTP_ENV = {
 
 
 def _root(root: Path | None) -> Path:
-    if root is None:
-        root = Path(os.environ.get(DEFAULT_ROOT_ENV) or os.getcwd())
-    return Path(root).expanduser().resolve()
+    return home() if root is None else Path(root).expanduser().resolve()
 
 
 def default_tracking_uri(root: Path | None = None) -> str:
