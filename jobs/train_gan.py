@@ -59,13 +59,9 @@ def main(argv=None):
         latent_dim=args.latent_dim or (16 if vae else 64 if mnist else 2), threads=args.threads,
         log_every=args.log_every, experiment=args.experiment, tracking_uri=args.tracking_uri,
         register_name=args.register_name, storage=args.storage, max_failures=args.max_failures)
-    try:
-        cfg.validate()
-    except ValueError as err:
-        sys.exit(f"error: {err}")
-    try:
+    try:  # the config is validated before any worker starts
         out = train_generator(cfg)
-    except RunFailed as err:
+    except (ValueError, RunFailed) as err:
         sys.exit(f"error: {err}")
     print(json.dumps({k: v for k, v in out.items() if k != "config"}))
     return 0

@@ -147,6 +147,22 @@ def hooks():
 
 
 @pytest.fixture(scope="session")
+def tiny():
+    """``tiny(data, root, **overrides)``: a 4-step, 2-worker MNIST training config, its runs and
+    its sqlite MLflow store under ``root``, checkpoints every 2 steps."""
+    from fdrl.config import TrainConfig
+
+    def config(data, root, **overrides) -> TrainConfig:
+        cfg = dict(data=str(data), dataset="mnist", arch="mnist32", prior="full", steps=4, batch=8,
+                   workers=2, lr=1e-3, decay_steps=[3], flow_steps=2, extra_steps=1, log_every=1,
+                   checkpoint_every=2, sample_every=2, grid_size=4, max_failures=1,
+                   storage=str(root / "runs"), tracking_uri=f"sqlite:///{root}/mlflow.db")
+        return TrainConfig(**{**cfg, **overrides})
+
+    return config
+
+
+@pytest.fixture(scope="session")
 def train():
     """``train(cfg, **kw)``: resolve, check and run a training config as a job does."""
     from fdrl.workflows.train import check_run, resolve, run_training

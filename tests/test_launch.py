@@ -24,12 +24,6 @@ def shards(tmp_path_factory):
     return out
 
 
-def small(shards, tmp_path, **overrides) -> TrainConfig:
-    cfg = dict(data=str(shards), dataset="mnist", arch="mnist32", prior="full", steps=2, batch=8,
-               storage=str(tmp_path / "runs"), tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
-    return TrainConfig(**{**cfg, **overrides})
-
-
 def test_resolve_fills_the_run_and_leaves_its_input_alone(shards, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -57,16 +51,16 @@ def test_fdrl_home_places_runs_priors_and_mlflow_together(shards, tmp_path, monk
     assert run.config.tracking_uri == f"sqlite:///{home}/mlflow.db"
 
 
-def test_resume_picks_the_latest_run_of_the_dataset(shards, tmp_path):
+def test_resume_picks_the_latest_run_of_the_dataset(shards, tmp_path, tiny):
     storage = tmp_path / "runs"
     for i, name in enumerate(["mnist-old", "mnist-new", "other-newest"]):
         (storage / name).mkdir(parents=True)
         (storage / name / RUN_INFO).write_text("{}")
         os.utime(storage / name, (1_000_000 + i, 1_000_000 + i))
     (storage / "mnist-unfinished").mkdir()  # no run info: never started, not resumable
-    assert resolve(small(shards, tmp_path, resume=True)).config.run_name == "mnist-new"
+    assert resolve(tiny(shards, tmp_path, steps=2, resume=True)).config.run_name == "mnist-new"
     with pytest.raises(FileNotFoundError, match="no run of 'celeba'"):
-        resolve(small(shards, tmp_path, resume=True, dataset="celeba"))
+        resolve(tiny(shards, tmp_path, steps=2, resume=True, dataset="celeba"))
 
 
 def test_every_user_field_has_a_flag_with_its_description(capsys):
@@ -111,8 +105,8 @@ def test_hflip_flag_and_gpu_flag_parse():
     assert TrainConfig(gpu=True).gpu == "on" and TrainConfig.from_dict({"gpu": False}).gpu == "off"
 
 
-def test_dry_run_prints_exactly_the_resolved_run(shards, tmp_path, capsys):
-    cfg = small(shards, tmp_path, run_name="dry")
+def test_dry_run_prints_exactly_the_resolved_run(shards, tmp_path, capsys, tiny):
+    cfg = tiny(shards, tmp_path, steps=2, run_name="dry")
     argv = ["--data", str(shards), "--run-name", "dry", "--steps", "2", "--batch", "8"]
     assert train_main(cfg, "desc", argv + ["--dry-run"]) == 0
     printed = json.loads(capsys.readouterr().out)
@@ -120,37 +114,37 @@ def test_dry_run_prints_exactly_the_resolved_run(shards, tmp_path, capsys):
     assert not (tmp_path / "runs").exists()
 
 
-def test_mismatched_network_fails_on_the_driver_naming_both_shapes(shards, tmp_path):
+def test_mismatched_network_fails_on_the_driver_naming_both_shapes(shards, tmp_path, tiny):
     import ray
 
     start = time.perf_counter()
     with pytest.raises(SystemExit, match=r"network 'cifar10' takes images of shape \(3, 32, 32\) "
                                          r"but the data in .* has shape \(1, 32, 32\)"):
-        train_main(small(shards, tmp_path, arch="cifar10"), "desc", [])
+        train_main(tiny(shards, tmp_path, steps=2, arch="cifar10"), "desc", [])
     assert time.perf_counter() - start < 10
     assert not ray.is_initialized()  # nothing started: no cluster, so no worker
 
 
-def test_prior_shape_is_read_from_the_file_metadata(shards, tmp_path):
+def test_prior_shape_is_read_from_the_file_metadata(shards, tmp_path, tiny):
     wrong = tmp_path / "rgb.safetensors"
     make_simple_prior("uniform", (3, 32, 32), clamp=1.0).save(wrong)
     assert prior_file_shape(wrong) == (3, 32, 32)
     with pytest.raises(ValueError, match=r"prior has shape \(3, 32, 32\) but the data has shape \(1, 32, 32\)"):
-        check_run(resolve(small(shards, tmp_path, prior="uniform", prior_path=str(wrong))))
+        check_run(resolve(tiny(shards, tmp_path, steps=2, prior="uniform", prior_path=str(wrong))))
 
 
-def test_eval_flags_without_a_classifier_are_refused(shards, tmp_path):
+def test_eval_flags_without_a_classifier_are_refused(shards, tmp_path, tiny):
     with pytest.raises(ValueError, match="--eval-every 5 needs --eval-classifier"):
-        resolve(small(shards, tmp_path, eval_every=5))
+        resolve(tiny(shards, tmp_path, steps=2, eval_every=5))
     with pytest.raises(FileNotFoundError, match="--eval-classifier .*nowhere: no model.safetensors"):
-        check_run(resolve(small(shards, tmp_path, eval_every=5, eval_classifier=str(tmp_path / "nowhere"))))
+        check_run(resolve(tiny(shards, tmp_path, steps=2, eval_every=5, eval_classifier=str(tmp_path / "nowhere"))))
 
 
-def test_unwritable_storage_is_refused(shards, tmp_path):
+def test_unwritable_storage_is_refused(shards, tmp_path, tiny):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     with pytest.raises(PermissionError, match=f"storage {blocker}/runs is not writable"):
-        check_run(resolve(small(shards, tmp_path, storage=str(blocker / "runs"))))
+        check_run(resolve(tiny(shards, tmp_path, steps=2, storage=str(blocker / "runs"))))
 
 
 def test_gpu_choice():
@@ -161,10 +155,10 @@ def test_gpu_choice():
         choose_gpu("on", 0)
 
 
-def test_resuming_with_another_worker_count_is_refused_on_the_driver(shards, tmp_path):
+def test_resuming_with_another_worker_count_is_refused_on_the_driver(shards, tmp_path, tiny):
     run_dir = tmp_path / "runs" / "mnist-a"
     run_dir.mkdir(parents=True)
     (run_dir / RUN_INFO).write_text(json.dumps({"mlflow_run_id": "", "config": {"workers": 2}}))
     with pytest.raises(ValueError, match="trained by 2 workers, this resume asks for 4"):
-        check_run(resolve(small(shards, tmp_path, resume=True, workers=4)))
-    check_run(resolve(small(shards, tmp_path, resume=True, workers=2)))
+        check_run(resolve(tiny(shards, tmp_path, steps=2, resume=True, workers=4)))
+    check_run(resolve(tiny(shards, tmp_path, steps=2, resume=True, workers=2)))

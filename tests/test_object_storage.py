@@ -134,12 +134,10 @@ def test_an_unreadable_shard_stops_the_run_naming_its_uri(s3_server, job_env, tm
 # ------------------------------------------------------------------------ a lost node survived
 
 
-def _tiny(data: str, runs: str, tracking_uri: str, **overrides) -> TrainConfig:
-    cfg = dict(data=data, dataset="mnist", arch="mnist32", prior="uniform", steps=6, batch=8,
-               workers=2, lr=1e-3, decay_steps=[5], flow_steps=2, extra_steps=1, log_every=1,
-               checkpoint_every=2, sample_every=10**9, grid_size=4, max_failures=2, storage=runs,
-               tracking_uri=tracking_uri, register=False)
-    return TrainConfig(**{**cfg, **overrides})
+def lossy_config(tiny, data: str, runs: str, tracking_uri: str, **overrides) -> TrainConfig:
+    """The tiny config for six steps, on the given storage, without a registration."""
+    return tiny(data, Path("/unused"), prior="uniform", steps=6, decay_steps=[5], sample_every=10**9,
+                max_failures=2, storage=runs, tracking_uri=tracking_uri, register=False, **overrides)
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +158,7 @@ def three_nodes():
 
 
 def test_a_lost_worker_node_is_survived_from_the_bucket(three_nodes, s3_server, tmp_path, train,
-                                                        hooks):
+                                                        hooks, tiny):
     """Shards and runs on S3, local copies deleted. After the step-2 checkpoint reached the
     bucket, the node of one worker is removed without grace and a fresh node joins: the run
     resumes from the bucket, and its losses after the resume equal an uninterrupted run's."""
@@ -175,7 +173,7 @@ def test_a_lost_worker_node_is_survived_from_the_bucket(three_nodes, s3_server, 
     runs = f"{s3_server.bucket()}/runs"
     uri = f"sqlite:///{tmp_path}/mlflow.db"
 
-    straight = train(_tiny(data, runs, uri, run_name="straight"))
+    straight = train(lossy_config(tiny, data, runs, uri, run_name="straight"))
     marks = tmp_path / "marks"
     lost = {}
 
@@ -194,7 +192,8 @@ def test_a_lost_worker_node_is_survived_from_the_bucket(three_nodes, s3_server, 
 
     thread = threading.Thread(target=operator, daemon=True)
     thread.start()
-    resumed = train(_tiny(data, runs, uri, run_name="lossy"), train_loop=hooks.pauses_at({2}, str(marks)))
+    resumed = train(lossy_config(tiny, data, runs, uri, run_name="lossy"),
+                    train_loop=hooks.pauses_at({2}, str(marks)))
     thread.join(timeout=60)
     assert lost["node"]
 

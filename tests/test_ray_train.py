@@ -8,7 +8,6 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from fdrl.config import TrainConfig
 from fdrl.core.priors import make_simple_prior
 
 pytestmark = pytest.mark.timeout(900)
@@ -26,14 +25,6 @@ def shards(tmp_path_factory):
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("train")
-
-
-def tiny(shards, workdir, **overrides) -> TrainConfig:
-    cfg = dict(data=str(shards), dataset="mnist", arch="mnist32", prior="full", steps=4, batch=8,
-               workers=2, lr=1e-3, decay_steps=[3], flow_steps=2, extra_steps=1, log_every=1,
-               checkpoint_every=2, sample_every=2, grid_size=4, max_failures=1,
-               storage=str(workdir / "runs"), tracking_uri=f"sqlite:///{workdir}/mlflow.db")
-    return TrainConfig(**{**cfg, **overrides})
 
 
 def _final_tensors(result) -> dict[str, torch.Tensor]:
@@ -54,7 +45,7 @@ def _assert_identical(a: dict, b: dict):
 
 
 @pytest.fixture(scope="module")
-def straight(ray_cluster, shards, workdir, train):
+def straight(ray_cluster, shards, workdir, train, tiny):
     return train(tiny(shards, workdir, run_name="straight"))
 
 
@@ -74,7 +65,7 @@ def test_straight_run_is_tracked_in_mlflow(straight, workdir):
     assert grids == ["samples/step_0000002.png", "samples/step_0000004.png"]
 
 
-def test_resume_gives_identical_parameters(straight, shards, workdir, train):
+def test_resume_gives_identical_parameters(straight, shards, workdir, train, tiny):
     train(tiny(shards, workdir, run_name="split", steps=2))
     resumed = train(tiny(shards, workdir, run_name="split", steps=4, resume=True))
     _assert_identical(_final_tensors(straight), _final_tensors(resumed))
@@ -84,7 +75,7 @@ def test_resume_gives_identical_parameters(straight, shards, workdir, train):
     assert sorted(m.step for m in losses) == [1, 2, 3, 4]
 
 
-def test_killed_rank0_worker_restarts_from_checkpoint(straight, shards, workdir, train, hooks):
+def test_killed_rank0_worker_restarts_from_checkpoint(straight, shards, workdir, train, hooks, tiny):
     """Rank 0's process is SIGKILLed right after the step-2 checkpoint: the run restarts from it,
     ends at the straight run's weights, and logs the straight run's losses."""
     marker = workdir / "killed-rank0"
@@ -99,7 +90,7 @@ def test_killed_rank0_worker_restarts_from_checkpoint(straight, shards, workdir,
     assert all(m.value == straight_losses[m.step] for m in losses)
 
 
-def test_a_failure_that_would_repeat_is_not_retried(ray_cluster, shards, workdir, train, hooks):
+def test_a_failure_that_would_repeat_is_not_retried(ray_cluster, shards, workdir, train, hooks, tiny):
     from fdrl.core.step import NonFiniteLossError
     from fdrl.distributed.trainer import RunFailed
 
@@ -113,7 +104,7 @@ def test_a_failure_that_would_repeat_is_not_retried(ray_cluster, shards, workdir
     assert run.info.status == "FAILED" and "NonFiniteLossError: boom" in run.data.tags["fdrl.failure"]
 
 
-def test_training_goes_on_when_mlflow_is_unreachable(ray_cluster, shards, workdir, train):
+def test_training_goes_on_when_mlflow_is_unreachable(ray_cluster, shards, workdir, train, tiny):
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -122,7 +113,7 @@ def test_training_goes_on_when_mlflow_is_unreachable(ray_cluster, shards, workdi
     assert result.checkpoint is not None and result.mlflow_run_id == ""
 
 
-def test_bad_inputs_get_named_errors(ray_cluster, shards, workdir, train):
+def test_bad_inputs_get_named_errors(ray_cluster, shards, workdir, train, tiny):
     with pytest.raises(FileNotFoundError, match="data path does not exist: .*missing-shards"):
         train(tiny(shards, workdir, data=str(workdir / "missing-shards")))
     wrong = workdir / "prior-rgb32.safetensors"
@@ -133,7 +124,7 @@ def test_bad_inputs_get_named_errors(ray_cluster, shards, workdir, train):
         train(tiny(shards, workdir, pairing="chi3"))
 
 
-def test_resume_with_prefetch_matches_the_straight_run(straight, shards, workdir, train):
+def test_resume_with_prefetch_matches_the_straight_run(straight, shards, workdir, train, tiny):
     """Prefetching changes no batch, and checkpoints keep the consumer's position rather than the
     read-ahead thread's: a split run with prefetch on ends where the straight inline run ended."""
     train(tiny(shards, workdir, run_name="split-prefetch", steps=2, prefetch=3))
@@ -145,14 +136,14 @@ def test_resume_with_prefetch_matches_the_straight_run(straight, shards, workdir
     assert sorted(m.step for m in waits) == [1, 2, 3, 4] and all(m.value >= 0 for m in waits)
 
 
-def test_gpu_auto_picks_cpu_and_gpu_on_fails_on_the_driver(straight, shards, workdir, train):
+def test_gpu_auto_picks_cpu_and_gpu_on_fails_on_the_driver(straight, shards, workdir, train, tiny):
     assert straight.used_gpu is False  # --gpu auto (the default) on this CPU-only cluster
     with pytest.raises(ValueError, match="--gpu on, but the Ray cluster has no GPUs"):
         train(tiny(shards, workdir, run_name="gpu-on", gpu="on"))
     assert not (workdir / "runs" / "gpu-on").exists()  # refused before the run started
 
 
-def test_fast_path_trains_under_ddp(ray_cluster, shards, workdir, train):
+def test_fast_path_trains_under_ddp(ray_cluster, shards, workdir, train, tiny):
     """bf16 autocast, channels_last weights and prefetching through DDP over gloo: the run ends
     with finite losses and a checkpoint whose weights load into a plain fp32 network."""
     from fdrl.core.networks import build_network

@@ -31,12 +31,9 @@ def shards(tmp_path_factory):
     return out
 
 
-def tiny(shards, root, **overrides) -> TrainConfig:
-    cfg = dict(data=str(shards), dataset="mnist", arch="mnist32", prior="uniform", steps=4, batch=8,
-               workers=2, lr=1e-3, decay_steps=[3], flow_steps=2, extra_steps=1, log_every=1,
-               checkpoint_every=2, sample_every=10**9, grid_size=4, max_failures=1,
-               storage=str(root / "runs"), tracking_uri=f"sqlite:///{root}/mlflow.db")
-    return TrainConfig(**{**cfg, **overrides})
+def quiet(tiny, shards, root, **overrides) -> TrainConfig:
+    """The tiny config with the parameter-free prior and no grids but the last."""
+    return quiet(tiny, shards, root, prior="uniform", sample_every=10**9, **overrides)
 
 
 def _weights(checkpoint: str) -> dict:
@@ -49,9 +46,9 @@ def _same(a: dict, b: dict) -> bool:
 
 
 @pytest.fixture(scope="module")
-def straight(ray_cluster, shards, tmp_path_factory, train):
+def straight(ray_cluster, shards, tmp_path_factory, train, tiny):
     root = tmp_path_factory.mktemp("straight")
-    return train(tiny(shards, root, run_name="straight"))
+    return train(quiet(tiny, shards, root, run_name="straight"))
 
 
 def _wait_for(path: Path, timeout_s: float = 600) -> None:
@@ -80,7 +77,7 @@ def test_a_diverging_run_fails_at_once_with_one_error_line(shards, tmp_path):
     assert run.info.status == "FAILED" and "non-finite loss" in run.data.tags["fdrl.failure"]
 
 
-def _checkpoint_bytes() -> int:
+def _checkpoint_bytes(tiny) -> int:
     """The size of one checkpoint of the tiny run (weights, EMA, Adam state, manifest)."""
     import tempfile
 
@@ -93,16 +90,16 @@ def _checkpoint_bytes() -> int:
         state.optimizer.state[p] = {"step": torch.tensor(1.0), "exp_avg": torch.zeros_like(p),
                                     "exp_avg_sq": torch.zeros_like(p)}
     with tempfile.TemporaryDirectory() as d:
-        save_checkpoint(d, state, tiny(Path(d), Path(d)).to_dict(), [{}, {}])
+        save_checkpoint(d, state, quiet(tiny, Path(d), Path(d)).to_dict(), [{}, {}])
         return sum(f.stat().st_size for f in Path(d).iterdir())
 
 
 @pytest.fixture
-def small_disk(tmp_path):
+def small_disk(tmp_path, tiny):
     """A tmpfs with room for one checkpoint and a half; remounted larger to free space."""
     disk = tmp_path / "disk"
     disk.mkdir()
-    size = int(_checkpoint_bytes() * 1.5) + (1 << 20)
+    size = int(_checkpoint_bytes(tiny) * 1.5) + (1 << 20)
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)],
                              capture_output=True, text=True)
     if mounted.returncode:
@@ -113,7 +110,7 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
-def test_a_full_storage_stops_the_run_and_resume_continues(straight, shards, small_disk, train):
+def test_a_full_storage_stops_the_run_and_resume_continues(straight, shards, small_disk, train, tiny):
     """The second checkpoint does not fit: the run stops at once with an error that says the
     storage is full; the first checkpoint stays intact; with space freed, --resume continues from
     it and ends where the straight run ended."""
@@ -121,7 +118,7 @@ def test_a_full_storage_stops_the_run_and_resume_continues(straight, shards, sma
     from fdrl.distributed.trainer import RunFailed
 
     root = small_disk
-    cfg = tiny(shards, root, run_name="full", storage=str(root / "runs"),
+    cfg = quiet(tiny, shards, root, run_name="full", storage=str(root / "runs"),
                tracking_uri=f"sqlite:///{small_disk.parent}/mlflow.db")
     with pytest.raises(RunFailed, match="the storage is full") as err:
         train(cfg)
@@ -136,19 +133,19 @@ def test_a_full_storage_stops_the_run_and_resume_continues(straight, shards, sma
             pass
     assert len(valid) == 1 and json.loads((valid[0] / "meta.json").read_text())["step"] == 2
     subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
-    resumed = train(tiny(shards, root, run_name="full", resume=True, storage=str(root / "runs"),
+    resumed = train(quiet(tiny, shards, root, run_name="full", resume=True, storage=str(root / "runs"),
                          tracking_uri=f"sqlite:///{small_disk.parent}/mlflow.db"))
     assert _same(_weights(resumed.checkpoint), _weights(straight.checkpoint))
 
 
 def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(straight, shards, tmp_path,
-                                                                     train):
-    run = train(tiny(shards, tmp_path, run_name="corrupt"))
+                                                                     train, tiny):
+    run = train(quiet(tiny, shards, tmp_path, run_name="corrupt"))
     latest = sorted((tmp_path / "runs" / "corrupt").glob("checkpoint_*"))[-1]
     assert json.loads((latest / "meta.json").read_text())["step"] == 4
     weights = latest / "ema.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # torn by a crash
-    resumed = train(tiny(shards, tmp_path, run_name="corrupt", resume=True))
+    resumed = train(quiet(tiny, shards, tmp_path, run_name="corrupt", resume=True))
     # Restored from step 2 (the step-4 checkpoint cannot load), then trained steps 3 and 4 again.
     assert _same(_weights(resumed.checkpoint), _weights(straight.checkpoint))
     assert run.checkpoint != resumed.checkpoint
@@ -162,7 +159,7 @@ def _losses(uri: str, run_id: str) -> dict[int, list[float]]:
 
 
 def test_an_mlflow_outage_mid_training_loses_nothing(straight, shards, tmp_path, mlflow_server,
-                                                     train, hooks):
+                                                     train, hooks, tiny):
     """The real tracking server is SIGKILLed after step 2 and kept down for more than a minute
     while steps 3 and 4 train; restarted on the same port and database, it holds every step once
     and the model gets registered."""
@@ -184,7 +181,7 @@ def test_an_mlflow_outage_mid_training_loses_nothing(straight, shards, tmp_path,
     thread = threading.Thread(target=operator, daemon=True)
     thread.start()
     with mlflow_server.credentials():
-        result = train(tiny(shards, tmp_path, run_name="outage", steps=6, experiment="outage",
+        result = train(quiet(tiny, shards, tmp_path, run_name="outage", steps=6, experiment="outage",
                             tracking_uri=mlflow_server.uri, register_name="fdrl-outage"),
                        train_loop=hooks.pauses_at({2, 4}, str(marks)))
         thread.join(timeout=600)
@@ -198,7 +195,7 @@ def test_an_mlflow_outage_mid_training_loses_nothing(straight, shards, tmp_path,
 
 
 def test_a_run_started_while_mlflow_is_down_is_created_when_it_returns(shards, tmp_path,
-                                                                       mlflow_server, train, hooks):
+                                                                       mlflow_server, train, hooks, tiny):
     from fdrl.tracking.runs import TrackingUnreachableError
 
     marks = tmp_path / "marks"
@@ -206,7 +203,7 @@ def test_a_run_started_while_mlflow_is_down_is_created_when_it_returns(shards, t
     try:
         with mlflow_server.credentials():
             with pytest.raises(TrackingUnreachableError, match="--tracking-offline"):
-                train(tiny(shards, tmp_path, run_name="offline", tracking_uri=mlflow_server.uri))
+                train(quiet(tiny, shards, tmp_path, run_name="offline", tracking_uri=mlflow_server.uri))
 
             def operator():
                 _wait_for(marks / "reached-2-rank0")
@@ -215,7 +212,7 @@ def test_a_run_started_while_mlflow_is_down_is_created_when_it_returns(shards, t
 
             thread = threading.Thread(target=operator, daemon=True)
             thread.start()
-            result = train(tiny(shards, tmp_path, run_name="offline", experiment="offline",
+            result = train(quiet(tiny, shards, tmp_path, run_name="offline", experiment="offline",
                                 tracking_uri=mlflow_server.uri, tracking_offline=True,
                                 register_name="fdrl-offline"),
                            train_loop=hooks.pauses_at({2}, str(marks)))

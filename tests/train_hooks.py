@@ -11,20 +11,27 @@ from pathlib import Path
 MARKER_TIMEOUT_S = 300
 
 
-def _wrap_report(after):
-    """The production loop, with ``after(cfg, state, rank)`` run after each report."""
+def _wrap_report(after=None, before=None, start=None):
+    """The production loop, with ``before``/``after(cfg, state, rank)`` run around each report
+    and ``start(config, rank)`` before the loop."""
 
     def loop(config: dict) -> None:
         import ray.train
 
         import fdrl.distributed.train_worker as worker
 
+        rank = ray.train.get_context().get_world_rank()
         original = worker.report
 
         def report(cfg, state, *args, **kwargs):
+            if before is not None:
+                before(cfg, state, rank)
             original(cfg, state, *args, **kwargs)
-            after(cfg, state, ray.train.get_context().get_world_rank())
+            if after is not None:
+                after(cfg, state, rank)
 
+        if start is not None:
+            start(config, rank)
         worker.report = report
         try:
             worker.train_loop_per_worker(config)
@@ -43,7 +50,7 @@ def killed_after(step: int, marker: str):
             Path(marker).write_text(str(os.getpid()))
             os.kill(os.getpid(), signal.SIGKILL)
 
-    return _wrap_report(after)
+    return _wrap_report(after=after)
 
 
 def raises_after(step: int, error: BaseException):
@@ -53,46 +60,33 @@ def raises_after(step: int, error: BaseException):
         if rank == 0 and state.step == step:
             raise error
 
-    return _wrap_report(after)
+    return _wrap_report(after=after)
 
 
 def overlap_markers(folder: str, wait_for: int):
     """Rank 0 writes ``<folder>/<run>.started`` before its first step and waits until ``wait_for``
     runs have started; before its final report it writes ``<run>.finished`` listing the runs that
     had started by then, so a test can tell runs overlapped without timing them."""
+    marks = Path(folder)
 
-    def loop(config: dict) -> None:
-        import ray.train
-
-        import fdrl.distributed.train_worker as worker
-
-        cfg_name = config["run_name"]
-        marks = Path(folder)
+    def start(config, rank):
+        if rank:
+            return
         marks.mkdir(parents=True, exist_ok=True)
-        rank0 = ray.train.get_context().get_world_rank() == 0
-        if rank0:
-            (marks / f"{cfg_name}.started").write_text("")
-            deadline = time.monotonic() + MARKER_TIMEOUT_S
-            while len(list(marks.glob("*.started"))) < wait_for:  # a condition, not a delay
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"only {len(list(marks.glob('*.started')))} of {wait_for} "
-                                       f"runs started within {MARKER_TIMEOUT_S} s")
-                time.sleep(0.05)
-        original = worker.report
+        (marks / f"{config['run_name']}.started").write_text("")
+        deadline = time.monotonic() + MARKER_TIMEOUT_S
+        while len(list(marks.glob("*.started"))) < wait_for:  # a condition, not a delay
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only {len(list(marks.glob('*.started')))} of {wait_for} "
+                                   f"runs started within {MARKER_TIMEOUT_S} s")
+            time.sleep(0.05)
 
-        def report(cfg, state, *args, **kwargs):
-            if rank0 and state.step == cfg.steps:  # before: Tune may end the trial once it sees it
-                seen = sorted(p.stem for p in marks.glob("*.started"))
-                (marks / f"{cfg_name}.finished").write_text(json.dumps(seen))
-            original(cfg, state, *args, **kwargs)
+    def before(cfg, state, rank):
+        if rank == 0 and state.step == cfg.steps:  # before: Tune may end the trial once it sees it
+            seen = sorted(p.stem for p in marks.glob("*.started"))
+            (marks / f"{cfg.run_name}.finished").write_text(json.dumps(seen))
 
-        worker.report = report
-        try:
-            worker.train_loop_per_worker(config)
-        finally:
-            worker.report = original
-
-    return loop
+    return _wrap_report(before=before, start=start)
 
 
 def pauses_at(steps, folder: str, timeout_s: float = 600):
@@ -118,4 +112,4 @@ def pauses_at(steps, folder: str, timeout_s: float = 600):
                 raise TimeoutError(f"nobody wrote {go} within {timeout_s} s")
             time.sleep(0.05)
 
-    return _wrap_report(after)
+    return _wrap_report(after=after)

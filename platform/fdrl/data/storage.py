@@ -365,7 +365,9 @@ def write_text(path, text: str, encoding: str = "utf-8") -> None:
     write_bytes(path, text.encode(encoding))
 
 
-def _fsync_dir(folder: str) -> None:
+def fsync_dir(folder) -> None:
+    """Make a rename or a new file in ``folder`` durable (its entry, not only the file's data)."""
+    folder = os.fspath(folder)
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -393,7 +395,7 @@ def _write_local(path: str, chunks: Iterable[bytes]) -> None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
-        _fsync_dir(folder)
+        fsync_dir(folder)
 
 
 def _chunks(fs: pafs.FileSystem, inner: str, path: str) -> Iterator[bytes]:
@@ -419,11 +421,7 @@ def copy_file(src, dst) -> None:
     """
     src, dst = resolve(src), resolve(dst)
     sfs, sinner = filesystem(src)
-    info = _info(src)
-    if info.type == pafs.FileType.NotFound:
-        raise _not_found(src, "copy")
-    if info.type != pafs.FileType.File:
-        raise StorageError(src, "is a folder (use put_dir/get_dir)", "copy")
+    _expect(src, pafs.FileType.File, "copy", "is a folder (use put_dir/get_dir)")
     if not is_uri(dst):
         _write_local(dst, _chunks(sfs, sinner, src))
         return
@@ -457,11 +455,7 @@ def copy_tree(src, dst) -> None:
     is atomic; the tree as a whole is not (files already at ``dst`` that ``src`` lacks stay)."""
     src, dst = resolve(src), resolve(dst)
     fs, inner = filesystem(src)
-    info = _info(src)
-    if info.type == pafs.FileType.NotFound:
-        raise _not_found(src, "copy")
-    if info.type != pafs.FileType.Directory:
-        raise StorageError(src, "is a file, not a folder (use put_file/get_file)", "copy")
+    _expect(src, pafs.FileType.Directory, "copy", "is a file, not a folder (use put_file/get_file)")
     with _errors(src, "list"):
         infos = fs.get_file_info(pafs.FileSelector(inner, recursive=True))
     prefix = inner.rstrip("/") + "/"
@@ -503,15 +497,9 @@ def remove(path, missing_ok: bool = False) -> None:
     """Delete one file."""
     path = resolve(path)
     fs, inner = filesystem(path)
-    info = _info(path)
-    if info.type == pafs.FileType.NotFound:
-        if missing_ok:
-            return
-        raise _not_found(path, "remove")
-    if info.type == pafs.FileType.Directory:
-        raise StorageError(path, "is a folder (use remove_tree)", "remove")
-    with _errors(path, "remove"):
-        fs.delete_file(inner)
+    if _removable(path, missing_ok, pafs.FileType.File, "is a folder (use remove_tree)"):
+        with _errors(path, "remove"):
+            fs.delete_file(inner)
 
 
 def remove_tree(path, missing_ok: bool = False) -> None:
@@ -521,15 +509,28 @@ def remove_tree(path, missing_ok: bool = False) -> None:
     fs, inner = filesystem(path)
     if is_uri(path) and "/" not in inner:
         raise StorageError(path, "refusing to delete a whole bucket", "remove")
+    if _removable(path, missing_ok, pafs.FileType.Directory, "is a file (use remove)"):
+        with _errors(path, "remove"):
+            fs.delete_dir(inner)
+
+
+def _removable(path: str, missing_ok: bool, want, why: str) -> bool:
+    """Whether ``path`` is there to delete: False for a missing path when ``missing_ok``, an
+    error when it is missing otherwise or not of type ``want``."""
     info = _info(path)
+    if info.type == pafs.FileType.NotFound and missing_ok:
+        return False
+    _expect(path, want, "remove", why, info)
+    return True
+
+
+def _expect(path: str, want, action: str, why: str, info=None) -> None:
+    """Raise, naming ``path``, unless it is there and of type ``want``."""
+    info = info or _info(path)
     if info.type == pafs.FileType.NotFound:
-        if missing_ok:
-            return
-        raise _not_found(path, "remove")
-    if info.type == pafs.FileType.File:
-        raise StorageError(path, "is a file (use remove)", "remove")
-    with _errors(path, "remove"):
-        fs.delete_dir(inner)
+        raise _not_found(path, action)
+    if info.type != want:
+        raise StorageError(path, why, action)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,6 +22,8 @@ import shutil
 import time
 from pathlib import Path
 
+from fdrl.data.storage import fsync_dir
+
 try:
     import fcntl
 except ImportError:  # not POSIX: no cross-process lock (one owner per spool is then up to the caller)
@@ -49,14 +51,6 @@ def read_state(spool_dir: str | Path) -> dict:
         return {}
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class Spool:
     """One open spool folder. ``append`` is called by one thread (the owner's), ``read`` and
     ``ack`` by one other (the shipper); they share no mutable state except ``last_seq``, which
@@ -78,7 +72,7 @@ class Spool:
         new = not self._journal.exists()
         self._fd = os.open(self._journal, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
         if new:
-            _fsync_dir(self.path)  # the journal's directory entry survives a crash too
+            fsync_dir(self.path)  # the journal's directory entry survives a crash too
         self.last_seq = self._recover()
 
     def _recover(self) -> int:
@@ -166,7 +160,7 @@ class Spool:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path / STATE)
-        _fsync_dir(self.path)
+        fsync_dir(self.path)
         self.state = state
 
     def remove_files(self, seq: int) -> None:
