@@ -1,6 +1,8 @@
 """Standard FID on Ray (fdrl.workflows.standard_fid): distributed features equal one local pass
 whatever the worker count; the reference statistics come back from the local cache and from MLflow."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -66,7 +68,7 @@ def test_reference_cached_locally_and_in_mlflow(ray_cluster, shards, tmp_path):
     again, source = ensure_reference(shards, limit=3, cache_dir=tmp_path / "a", tracking_uri=uri)
     assert source == "local" and again == path
     fetched, source = ensure_reference(shards, limit=3, cache_dir=tmp_path / "b", tracking_uri=uri)
-    assert source == "mlflow" and fetched.parent == tmp_path / "b"
+    assert source == "mlflow" and Path(fetched).parent == tmp_path / "b"
     assert torch.equal(FeatureStats.load(fetched).moments.outer, FeatureStats.load(path).moments.outer)
 
 

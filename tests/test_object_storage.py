@@ -182,7 +182,7 @@ def test_a_lost_worker_node_is_survived_from_the_bucket(three_nodes, s3_server, 
         while not list(marks.glob("reached-2-rank1")):  # the condition the run sets
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        assert storage.glob(storage.join(runs, "lossy"), "checkpoint_*")  # in the bucket
+        assert storage.glob(storage.join(runs, "lossy"), "checkpoint_[0-9]*")  # in the bucket
         node_id = (marks / "reached-2-rank1").read_text()
         node = next(n for n in cluster.list_all_nodes() if n.node_id == node_id)
         cluster.remove_node(node, allow_graceful=False)

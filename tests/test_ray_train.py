@@ -1,5 +1,6 @@
 """Distributed training on a real local Ray cluster, with real shards and a real sqlite MLflow."""
 
+import json
 import socket
 from pathlib import Path
 
@@ -108,9 +109,18 @@ def test_training_goes_on_when_mlflow_is_unreachable(ray_cluster, shards, workdi
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    from fdrl.tracking.runs import TrackingUnreachableError
+
+    dead = f"http://127.0.0.1:{port}"
+    with pytest.raises(TrackingUnreachableError, match=f"MLflow at {dead} is unreachable"):
+        train(tiny(shards, workdir, run_name="no-mlflow", steps=2, tracking_uri=dead))
     result = train(tiny(shards, workdir, run_name="no-mlflow", steps=2, register=False,
-                        tracking_uri=f"http://127.0.0.1:{port}"))
+                        tracking_uri=dead, tracking_offline=True))
     assert result.checkpoint is not None and result.mlflow_run_id == ""
+    # Everything logged waits in the run's spool, for when the server answers.
+    info = json.loads((Path(result.run_dir) / "fdrl_run.json").read_text())
+    records = [json.loads(line) for line in (Path(info["spool"]) / "journal.jsonl").read_text().splitlines()]
+    assert sum(r["op"] == "metrics" for r in records) >= 2
 
 
 def test_bad_inputs_get_named_errors(ray_cluster, shards, workdir, train, tiny):

@@ -123,7 +123,7 @@ def test_a_full_storage_stops_the_run_and_resume_continues(straight, shards, sma
     with pytest.raises(RunFailed, match="the storage is full") as err:
         train(cfg)
     assert "after" not in str(err.value)  # not retried
-    kept = sorted((root / "runs" / "full").glob("checkpoint_*"))
+    kept = sorted((root / "runs" / "full").glob("checkpoint_[0-9]*"))
     valid = []
     for c in kept:
         try:
@@ -141,7 +141,7 @@ def test_a_full_storage_stops_the_run_and_resume_continues(straight, shards, sma
 def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(straight, shards, tmp_path,
                                                                      train, tiny):
     run = train(quiet(tiny, shards, tmp_path, run_name="corrupt"))
-    latest = sorted((tmp_path / "runs" / "corrupt").glob("checkpoint_*"))[-1]
+    latest = sorted((tmp_path / "runs" / "corrupt").glob("checkpoint_[0-9]*"))[-1]
     assert json.loads((latest / "meta.json").read_text())["step"] == 4
     weights = latest / "ema.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # torn by a crash

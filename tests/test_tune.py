@@ -40,7 +40,7 @@ def sweep(tmp_path_factory, hooks):
                            train_loop=hooks.overlap_markers(str(tmp / "markers"), 2))
     finally:
         ray.shutdown()
-    assert result.folder == tmp / "runs" / "s"
+    assert result.folder == str(tmp / "runs" / "s")
     return result.rows, tmp
 
 

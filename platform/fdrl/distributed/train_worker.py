@@ -124,7 +124,7 @@ def restore(cfg: TrainConfig, state: TrainState, generator: torch.Generator, dev
 def _restore_older(cfg: TrainConfig, bad: str, state: TrainState, device) -> list[dict]:
     """The newest checkpoint of the run folder (in its storage) other than ``bad`` that loads."""
     run_dir = storage.join(cfg.storage, cfg.run_name)
-    for candidate in reversed(storage.glob(run_dir, "checkpoint_*")):  # names sort by time
+    for candidate in reversed(storage.glob(run_dir, "checkpoint_[0-9]*")):  # names sort by time
         if storage.name(candidate) == storage.name(bad):
             continue
         fs, inner = storage.filesystem(candidate) if storage.is_uri(candidate) else (None, candidate)
