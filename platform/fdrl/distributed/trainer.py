@@ -50,6 +50,9 @@ class RunFailed(RuntimeError):
         super().__init__(message)
         self.cause = cause
 
+    def __reduce__(self):  # Tune hands a trial's error to the driver by pickling it
+        return type(self), (str(self), self.cause)
+
 
 def fit(spec: TrainerSpec, on_report: Callable[[dict, Optional[str]], None],
         on_retry: Callable[[int, str], None] = lambda attempt, why: None) -> Any:

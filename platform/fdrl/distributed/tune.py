@@ -2,7 +2,8 @@
 
 Each trial is a Tune function that runs a whole training run (its own TorchTrainer and workers);
 rank 0's reports reach Tune through ``TuneReportCallback`` (the Train V2 pattern). The trial
-driver itself asks for 0.01 CPU, so concurrent trials never hold the CPUs their workers need.
+driver itself asks for 0.01 CPU on the head node, so concurrent trials never hold the CPUs their
+workers need, and losing a worker node never loses a trial driver.
 What a trial trains, and what the sweep does with the results, is ``fdrl.workflows.sweep``'s.
 """
 
@@ -16,6 +17,9 @@ from ray import tune
 from fdrl.config import TrainConfig
 
 TRIAL_DRIVER_CPU = 0.01  # a trial's own process only waits on its TorchTrainer
+# Trial drivers live on the head node, which a sweep cannot lose: a lost worker node then costs a
+# trial's workers only, which its trainer restarts from their checkpoint (distributed.trainer).
+HEAD_NODE = "node:__internal_head__"
 
 
 def to_tune_space(spec: dict[str, Any]) -> dict[str, Any]:
@@ -59,7 +63,7 @@ def build_tuner(trial: Callable[[dict], None], base: dict, spec: dict[str, Any],
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     param_space = {**base, **to_tune_space(spec)}
-    trainable = tune.with_resources(trial, {"cpu": TRIAL_DRIVER_CPU})
+    trainable = tune.with_resources(trial, {"cpu": TRIAL_DRIVER_CPU, HEAD_NODE: 0.001})
     tune_path = f"{sweep_dir.rstrip('/')}/tune"
     if resume and tune.Tuner.can_restore(tune_path):
         return tune.Tuner.restore(tune_path, trainable=trainable, param_space=param_space)
