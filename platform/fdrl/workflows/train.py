@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional
 
 from fdrl.config import TrainConfig, storage_root
 from fdrl.data.manifest import ShardSet, manifest_hash, open_shard_set
+from fdrl.data.storage import name as path_name, resolve as resolve_path  # `storage` is the run folder here
 from fdrl.env import home
 from fdrl.workflows.priors import FITTED_PRIORS, ensure_prior, prior_cache_path
 
@@ -98,11 +99,11 @@ def resolve(cfg: TrainConfig, now: Optional[datetime] = None) -> ResolvedRun:
     elif cfg.prior in FITTED_PRIORS:
         cached = prior_cache_path(cfg.prior, cfg.prior_rank, shard_set, str(storage))
         prior_path, to_fit = str(cached), not cached.exists()
-    cfg = dataclasses.replace(cfg, dataset=cfg.dataset or shard_set.root.name)
+    cfg = dataclasses.replace(cfg, dataset=cfg.dataset or path_name(shard_set.root))
     run_name = _run_name(cfg, storage, now or datetime.now())
     resolved = dataclasses.replace(
         cfg, data=str(shard_set.root), storage=str(storage), arch=arch, prior_path=prior_path,
-        run_name=run_name, source=str(Path(cfg.source).resolve()) if cfg.source else "",
+        run_name=run_name, source=resolve_path(cfg.source) if cfg.source else "",
         # Resolved here: workers run in other directories, where the sqlite default would differ.
         tracking_uri=cfg.tracking_uri or default_tracking_uri())
     return ResolvedRun(resolved, storage / run_name, to_fit, shard_set)
