@@ -588,3 +588,38 @@ def test_opening_a_shard_set_on_s3_names_what_is_wrong(s3_server, monkeypatch):
     with pytest.raises(StorageError, match=f"{bucket}/half/manifest.parquet: access denied: "
                                            "credentials missing or wrong"):
         open_shard_set(storage.join(bucket, "half"))
+
+
+@pytest.mark.timeout(900)
+def test_training_reads_s3_shards_and_stops_at_one_it_cannot_read(s3_server, ray_cluster, train,
+                                                                    tmp_path):
+    """Through Ray, as a run does: the prior is fitted by a fan-out and the workers stream from
+    the bucket (no local copy exists); a shard deleted later ends the next run at once, naming
+    the shard, instead of training on the rest."""
+    from fdrl.config import TrainConfig
+    from fdrl.data import storage
+    from fdrl.distributed.trainer import RunFailed
+
+    uri = storage.join(s3_server.bucket(), "mnist")
+    convert("mnist", None, uri, shard_size=64, limit=256, progress=False)
+    cfg = dict(data=uri, dataset="mnist", arch="mnist32", prior="full", steps=2, batch=8,
+               workers=2, lr=1e-3, decay_steps=[3], flow_steps=2, extra_steps=1, log_every=1,
+               checkpoint_every=2, sample_every=2, grid_size=4, max_failures=1, register=False,
+               storage=str(tmp_path / "runs"), tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    result = train(TrainConfig(**cfg, run_name="from-s3"))
+    assert result.checkpoint is not None
+
+    gone = storage.join(uri, "mnist-000002.tar")
+    storage.remove(gone)
+    with pytest.raises(RunFailed, match=f"ShardReadError: cannot read shard {gone}: ") as err:
+        # A batch of one epoch (256 samples): the first step reads every shard, each worker
+        # those of its half. The prior, fitted above, comes from the cache.
+        train(TrainConfig(**{**cfg, "batch": 256}, run_name="shard-gone"))
+    assert err.value.cause.url == gone
+
+    from fdrl.data.manifest import open_shard_set
+    from fdrl.data.stream import ShardReadError
+    from fdrl.workflows.priors import fit_prior_distributed
+
+    with pytest.raises(ShardReadError, match=f"cannot read shard {gone}: "):  # a fresh fit
+        fit_prior_distributed(open_shard_set(uri), "full", tasks=2)
