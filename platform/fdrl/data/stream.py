@@ -99,14 +99,18 @@ def read_shard_bytes(url: str, sha256: Optional[str] = None, size: Optional[int]
     return data
 
 
-def _shard_samples(url: str, stats: StreamStats, expected: Optional[int] = None,
-                   sha256: Optional[str] = None,
+def _shard_samples(url: str, expected: Optional[int] = None, sha256: Optional[str] = None,
                    size: Optional[int] = None) -> list[tuple[str, dict[str, bytes]]]:
     """All samples of one tar shard as (key, {ext: bytes}), in tar order, exactly ``expected``
     of them (the manifest's count). A member over ``limits.MAX_MEMBER_BYTES`` is not read (its
     declared size says so); its sample is skipped when decoded. Everything else that is wrong
     with the shard raises ``ShardReadError``."""
-    data = read_shard_bytes(url, sha256, size)
+    return parse_shard(url, read_shard_bytes(url, sha256, size), expected)
+
+
+def parse_shard(url: str, data: bytes,
+                expected: Optional[int] = None) -> list[tuple[str, dict[str, bytes]]]:
+    """The samples of a shard's bytes (``_shard_samples`` without the read)."""
     groups: dict[str, dict] = {}
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
@@ -131,10 +135,10 @@ def _shard_samples(url: str, stats: StreamStats, expected: Optional[int] = None,
     return list(groups.items())
 
 
-def read_shard(shard_set: ShardSet, index: int, stats: StreamStats) -> list[tuple[str, dict]]:
+def read_shard(shard_set: ShardSet, index: int) -> list[tuple[str, dict]]:
     """The samples of shard ``index`` of ``shard_set``, verified against its manifest row."""
     name = shard_set.shards[index]
-    return _shard_samples(shard_set.url(name), stats, shard_set.counts[index],
+    return _shard_samples(shard_set.url(name), shard_set.counts[index],
                           shard_set.sha256[index], shard_set.sizes[index])
 
 
@@ -197,7 +201,7 @@ def iter_samples(shard_set: ShardSet, stats: StreamStats,
     that cannot be read raises ``ShardReadError``."""
     index = {name: i for i, name in enumerate(shard_set.shards)}
     for name in shards if shards is not None else shard_set.shards:
-        for key, members in read_shard(shard_set, index[name], stats):
+        for key, members in read_shard(shard_set, index[name]):
             image = decode_sample(key, members, shard_set, stats)
             if image is not None:
                 yield key, members, image
@@ -252,7 +256,7 @@ class ShardStream:
                 if pos["index"] >= seen + stop - first:  # this range was read before a resume
                     seen += stop - first
                     continue
-                samples = read_shard(self.shards, index, self.stats)  # exactly counts[index]
+                samples = read_shard(self.shards, index)  # exactly counts[index] samples
                 order = shard_order(counts[index], self.seed, pos["epoch"], index)
                 for slot in order[first + pos["index"] - seen:stop]:
                     pos["index"] += 1
