@@ -311,6 +311,17 @@ def mtime(path) -> float:
     return info.mtime.timestamp()
 
 
+def size(path) -> int:
+    """The size of a file in bytes (one metadata request on an object store)."""
+    path = resolve(path)
+    info = _info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise _not_found(path, "get the size of")
+    if info.type != pafs.FileType.File:
+        raise StorageError(path, "is a folder, not a file", "get the size of")
+    return info.size
+
+
 def listdir(path) -> list[str]:
     """Names of the direct children, sorted; ``[]`` for a folder that is not there (a missing
     bucket is still an error)."""

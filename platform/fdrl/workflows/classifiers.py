@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import torch
 
+from fdrl.data import storage
 from fdrl.eval.classifier import (ClassifierConfig, PGDSettings, load_labeled, save_classifier,
                                   strided_subset, train_classifier)
 
@@ -28,7 +29,7 @@ def train_and_register(**options) -> dict:
 
         args.data = ensure_mnist_shards(MNIST_DATA)
         args.dataset = args.dataset or "mnist"
-    args.dataset = args.dataset or Path(args.data).resolve().name
+    args.dataset = args.dataset or storage.name(storage.resolve(args.data))
     args.name = args.name or f"classifier-{args.dataset}"
     adversary = PGDSettings(args.pgd_eps, args.pgd_steps, args.pgd_step_size) if args.pgd_eps else None
     images, labels, keys = load_labeled(args.data)
@@ -43,7 +44,7 @@ def train_and_register(**options) -> dict:
                               channels=tuple(args.channels), feature_dim=args.feature_dim)
     result = train_classifier(images, labels, keys, epochs=args.epochs, batch_size=args.batch,
                               lr=args.lr, seed=args.seed, config=config, adversary=adversary)
-    info = {"data": str(Path(args.data).resolve()), "manifest_hash": digest,
+    info = {"data": storage.resolve(args.data), "manifest_hash": digest,
             "dataset": args.dataset, "pgd": asdict(adversary) if adversary else None}
     save_classifier(result.model, args.out,
                     {"heldout_accuracy": result.heldout_accuracy, "n_train": result.n_train,
