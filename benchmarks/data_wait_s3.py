@@ -37,7 +37,6 @@ def main() -> int:
 
     from mlflow.tracking import MlflowClient
 
-    from fdrl.data import storage
     from fdrl.data.writer import convert
     from fdrl.presets import MNIST
     from fdrl.workflows.train import check_run, resolve, run_training

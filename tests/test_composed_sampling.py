@@ -62,7 +62,7 @@ def test_conditional_rows_reproducible_logged_and_equal_to_the_sampler(ray_clust
 
     uri = registry
     run = lambda seed, out, label="all": conditional_to_dir(
-        MODEL, CLF, label, 5, tmp_path / out, phi=5.0, seed=seed, workers=2, batch=4,
+        MODEL, CLF, label, 5, tmp_path / out, phi=5.0, seed=seed, workers=2, chunk=4,
         tracking_uri=uri, progress=False)
     summary = run(3, "a")
     rows = np.load(tmp_path / "a" / "samples.npy")
@@ -93,7 +93,7 @@ def test_translation_keeps_input_order_and_is_reproducible(ray_cluster, registry
     source = np.random.default_rng(0).uniform(-1, 1, (9, 1, 32, 32)).astype(np.float32)
     np.save(tmp_path / "source.npy", source)
     run = lambda seed, out, workers=2: translate_to_dir(
-        MODEL, tmp_path / "source.npy", tmp_path / out, seed=seed, workers=workers, batch=4,
+        MODEL, tmp_path / "source.npy", tmp_path / out, seed=seed, workers=workers, chunk=4,
         tracking_uri=uri, progress=False, log=False)
     run(0, "a")
     translated = np.load(tmp_path / "a" / "samples.npy")

@@ -156,7 +156,7 @@ def rank_state(generator: torch.Generator, batches: BatchPrefetcher, prior: Prio
     after the last batch trained on, not the prefetch thread's)."""
     state = {"generator": generator.get_state(), "torch": torch.get_rng_state(),
              "position": dict(batches.position)}
-    if isinstance(prior, SourcePrior):  # translation: the source stream resumes like the data
+    if prior.position is not None:  # a prior that streams data resumes like the data
         state["prior_position"] = prior.position
     return state
 
@@ -215,23 +215,19 @@ class RankZeroEvaluations:
     def __call__(self, state: TrainState, step: int, final: bool, prior: Prior, pairing,
                  flow: FlowSettings) -> dict:
         cfg = self.cfg
+        def fresh():  # every use starts from the same draws, apart from training's
+            return prior.for_samples(cfg.seed + GRID_SEED_OFFSET)
+
         if self.kid is not None and (step % cfg.eval_every == 0 or final or "kid" not in self.last):
-            self.last["kid"] = self.kid(state.ema, self.eval_prior(prior), pairing, flow)
+            self.last["kid"] = self.kid(state.ema, fresh(), pairing, flow)
         if self.fid is not None and self.fid.due(step, final, "fid" in self.last):
-            self.last["fid"] = self.fid(state.ema, self.eval_prior(prior), pairing, flow)
+            self.last["fid"] = self.fid(state.ema, fresh(), pairing, flow)
             self.last["fid_seconds"] = self.fid.seconds
         if step % cfg.sample_every == 0 or final:
-            x = grid_samples(cfg, state.ema, self.eval_prior(prior), pairing, flow, self.device)
+            x = grid_samples(cfg, state.ema, fresh(), pairing, flow, self.device)
             with tempfile.TemporaryDirectory() as tmp:  # into the run folder, wherever it is
                 storage.put_file(save_grid(x, Path(tmp) / "grid.png"), grid_path(cfg, step))
         return dict(self.last)
-
-    def eval_prior(self, prior: Prior) -> Prior:
-        """Samples for grids and evaluations start from the training prior, except in
-        translation: the same source images every time, apart from the training stream."""
-        if self.cfg.prior == "source":
-            return SourcePrior.open(self.cfg.source, 0, 1, self.cfg.seed + GRID_SEED_OFFSET)
-        return prior
 
 
 def grid_samples(cfg: TrainConfig, net, prior, pairing, flow, device="cpu"):

@@ -30,7 +30,7 @@ GRID_COLUMNS = 10
 SAMPLING_EXPERIMENT = "fdrl-sampling"
 
 
-def sample_distributed(model, n: int, seed: int, workers: int, batch: int = CHUNK,
+def sample_distributed(model, n: int, seed: int, workers: int, chunk: int = CHUNK,
                        flow: Optional[FlowSettings] = None, progress: bool = True, *,
                        classifier=None, phi: float = 0.0, labels: Optional[list[int]] = None,
                        start: Optional[np.ndarray] = None) -> np.ndarray:
@@ -52,7 +52,7 @@ def sample_distributed(model, n: int, seed: int, workers: int, batch: int = CHUN
     if labels is not None and classifier is None:
         raise ValueError("class labels need a classifier to guide the flow")
     rows = [None] if labels is None else list(labels)
-    todo = [(row, c) for row in range(len(rows)) for c in chunks(n, batch)]
+    todo = [(row, c) for row in range(len(rows)) for c in chunks(n, chunk)]
     items = [(seed, c.index, c.size, rows[row],
               None if start is None else torch.from_numpy(np.ascontiguousarray(start[c.start:c.start + c.size], np.float32)))
              for row, c in todo]
@@ -76,7 +76,7 @@ def save_samples(samples: np.ndarray, out_dir: str | Path, grid: int = 64) -> tu
 
 
 def sample_to_dir(model_uri: str, n: int, out_dir: str | Path, seed: int = 0, workers: int = 1,
-                  batch: int = CHUNK, tracking_uri: Optional[str] = None,
+                  chunk: int = CHUNK, tracking_uri: Optional[str] = None,
                   progress: bool = True, **flow_overrides) -> dict:
     """Load a registered model (hash-checked, no unpickling), sample on Ray, write samples.npy and
     grid.png. Returns a summary (paths, timing, settings)."""
@@ -87,14 +87,14 @@ def sample_to_dir(model_uri: str, n: int, out_dir: str | Path, seed: int = 0, wo
     flow = FlowSettings.from_config(model.config, **flow_overrides)
     connect()  # before the clock: the rate counts actor start-up, not the cluster's
     start = time.perf_counter()
-    samples = sample_distributed(model, n, seed, workers, batch, flow, progress)
+    samples = sample_distributed(model, n, seed, workers, chunk, flow, progress)
     seconds = time.perf_counter() - start
     with storage.staged_dir(out_dir) as local:
         save_samples(samples, local)
     return {"model": f"models:/{model.name}/{model.version}", "run_id": model.run_id,
             "samples": storage.join(str(out_dir), "samples.npy"),
             "grid": storage.join(str(out_dir), "grid.png"), "n": n, "seed": seed, "workers": workers,
-            "batch": batch, "flow": asdict(flow), "seconds": seconds,
+            "chunk": chunk, "flow": asdict(flow), "seconds": seconds,
             "images_per_s": n / seconds}
 
 
@@ -148,7 +148,7 @@ def _log_run(tracking_uri, params: dict, files: Sequence[Path], tags: dict) -> O
 
 def conditional_to_dir(model_uri: str, classifier_uri: str, label: str, n: int,
                        out_dir: str | Path, phi: float = 0.1, seed: int = 0, workers: int = 1,
-                       batch: int = CHUNK, tracking_uri: Optional[str] = None,
+                       chunk: int = CHUNK, tracking_uri: Optional[str] = None,
                        progress: bool = True, log: bool = True, **flow_overrides) -> dict:
     """Class-conditional samples: ``n`` per label, in ``out_dir``: samples.npy
     (labels x n x C x H x W, or n x C x H x W for one label), labels.npy and grid.png (one row per
@@ -165,12 +165,12 @@ def conditional_to_dir(model_uri: str, classifier_uri: str, label: str, n: int,
     check_classifier_fits(classifier, model.net.in_shape, num_classes, labels)
     flow = FlowSettings.from_config(model.config, **flow_overrides)
     start = time.perf_counter()
-    rows = sample_distributed(model, n, seed, workers, batch, flow, progress,
+    rows = sample_distributed(model, n, seed, workers, chunk, flow, progress,
                               classifier=classifier, phi=phi, labels=labels)
     seconds = time.perf_counter() - start
     summary = {"kind": "conditional", "model": f"models:/{model.name}/{model.version}",
                "classifier": classifier_uri, "labels": labels, "phi": phi, "n_per_label": n,
-               "seed": seed, "workers": workers, "batch": batch, "flow": asdict(flow),
+               "seed": seed, "workers": workers, "chunk": chunk, "flow": asdict(flow),
                "seconds": seconds, "images_per_s": n * len(labels) / seconds,
                "samples": storage.join(str(out_dir), "samples.npy"),
                "grid": storage.join(str(out_dir), "grid.png")}
@@ -183,7 +183,7 @@ def conditional_to_dir(model_uri: str, classifier_uri: str, label: str, n: int,
         if log:
             summary["mlflow_run_id"] = _log_run(
                 tracking_uri, {k: summary[k] for k in ("kind", "model", "classifier", "phi",
-                                                       "n_per_label", "seed", "batch", "flow")}
+                                                       "n_per_label", "seed", "chunk", "flow")}
                 | {"labels": label}, [grid], {"fdrl.model_run_id": model.run_id})
     return summary
 
@@ -219,7 +219,7 @@ def load_source(spec: str | Path, shape: Sequence[int]) -> tuple[np.ndarray, Opt
 
 
 def translate_to_dir(model_uri: str, source: str | Path, out_dir: str | Path, seed: int = 0,
-                     workers: int = 1, batch: int = CHUNK, tracking_uri: Optional[str] = None,
+                     workers: int = 1, chunk: int = CHUNK, tracking_uri: Optional[str] = None,
                      progress: bool = True, log: bool = True, **flow_overrides) -> dict:
     """Flow every source image K + kappa steps; ``out_dir/samples.npy`` keeps the input order.
     Also writes source_labels.npy when the source had labels, and grid.png (source rows over
@@ -230,12 +230,12 @@ def translate_to_dir(model_uri: str, source: str | Path, out_dir: str | Path, se
     images, labels = load_source(source, model.net.in_shape)
     flow = FlowSettings.from_config(model.config, **flow_overrides)
     start = time.perf_counter()
-    translated = sample_distributed(model, len(images), seed, workers, batch, flow, progress,
+    translated = sample_distributed(model, len(images), seed, workers, chunk, flow, progress,
                                     start=images)
     seconds = time.perf_counter() - start
     summary = {"kind": "translation", "model": f"models:/{model.name}/{model.version}",
                "source": str(source), "n": len(images), "seed": seed, "workers": workers,
-               "batch": batch, "flow": asdict(flow), "seconds": seconds,
+               "chunk": chunk, "flow": asdict(flow), "seconds": seconds,
                "images_per_s": len(images) / seconds,
                "samples": storage.join(str(out_dir), "samples.npy"),
                "grid": storage.join(str(out_dir), "grid.png")}
@@ -251,7 +251,7 @@ def translate_to_dir(model_uri: str, source: str | Path, out_dir: str | Path, se
         if log:
             summary["mlflow_run_id"] = _log_run(
                 tracking_uri, {k: summary[k] for k in ("kind", "model", "source", "n", "seed",
-                                                       "batch", "flow")}, [grid],
+                                                       "chunk", "flow")}, [grid],
                 {"fdrl.model_run_id": model.run_id})
     return summary
 
