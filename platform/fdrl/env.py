@@ -10,6 +10,10 @@ DEFAULTS = {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",  # at Ray's default each report can stall 2 s
     "RAY_USAGE_STATS_ENABLED": "0",
     "MLFLOW_DISABLE_TELEMETRY": "true",
+    # Artifacts travel through the tracking server, which alone holds the bucket's credentials
+    # and checks the user's: no presigned URLs straight to the bucket.
+    "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD": "false",
+    "MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD": "false",
 }
 
 
