@@ -125,7 +125,7 @@ def test_training_goes_on_when_mlflow_is_unreachable(ray_cluster, shards, workdi
 
 def test_bad_inputs_get_named_errors(ray_cluster, shards, workdir, train, tiny):
     with pytest.raises(FileNotFoundError, match="data path does not exist: .*missing-shards"):
-        train(tiny(shards, workdir, data=str(workdir / "missing-shards")))
+        train(tiny(workdir / "missing-shards", workdir))
     wrong = workdir / "prior-rgb32.safetensors"
     make_simple_prior("uniform", (3, 32, 32), clamp=1.0).save(wrong)
     with pytest.raises(ValueError, match=r"prior has shape \(3, 32, 32\) but the data has shape \(1, 32, 32\)"):

@@ -83,8 +83,12 @@ class ActorPool:
                 if not done:  # waited in slices, so signals (Ctrl-C, timeouts) get through
                     continue
                 actor, index = pending.pop(done[0])
-                ref = done[0]
-                ready[index] = ray.get(ref)
+                try:
+                    ready[index] = ray.get(done[0])
+                except ray.exceptions.RayTaskError as err:  # the work's own error, as raised
+                    if isinstance(err.cause, Exception):
+                        raise err.cause from None
+                    raise
                 bar.update(sizes[index] if sizes is not None else 1)
                 if queue:
                     submit(actor)  # the actor that just finished takes the next item

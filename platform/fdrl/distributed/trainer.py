@@ -80,7 +80,9 @@ def _fit_once(spec: TrainerSpec, on_report) -> Any:
     from fdrl.data import storage
 
     fs, path = storage.filesystem(spec.storage) if storage.is_uri(spec.storage) else (None, spec.storage)
-    reports = Queue(actor_options={"num_cpus": 0})
+    # On this node, as Ray Train's own controller: a lost worker node must not take the queue along.
+    here = {ray._raylet.RAY_NODE_ID_KEY: ray.get_runtime_context().get_node_id()}
+    reports = Queue(actor_options={"num_cpus": 0, "label_selector": here})
     trainer = TorchTrainer(
         spec.train_loop, train_loop_config=spec.config,
         torch_config=TorchConfig(backend="nccl" if spec.use_gpu else "gloo"),

@@ -28,8 +28,9 @@ def check_access(tracking_uri: str, experiment: str) -> None:
     set_fast_fail_env(tracking_uri)
     try:
         experiment_id = ensure_experiment(experiment, tracking_uri)
-        MlflowClient(tracking_uri).set_experiment_tag(experiment_id, "fdrl.last_write_check",
-                                                      str(int(time.time())))
+        if tracking_uri.startswith(("http://", "https://")):  # a server checks permissions
+            MlflowClient(tracking_uri).set_experiment_tag(experiment_id, "fdrl.last_write_check",
+                                                          str(int(time.time())))
     except MlflowException as err:
         if re.search(r"\b(401|403)\b", str(err)) or "PERMISSION_DENIED" in str(err) \
                 or getattr(err, "error_code", "") in ("PERMISSION_DENIED", "UNAUTHENTICATED"):
@@ -37,9 +38,20 @@ def check_access(tracking_uri: str, experiment: str) -> None:
                 f"MLflow at {tracking_uri} refused to let this user write runs of experiment "
                 f"{experiment!r} ({_first_line(err)}): set MLFLOW_TRACKING_USERNAME and "
                 "MLFLOW_TRACKING_PASSWORD to a user with EDIT permission") from None
-        raise TrackingUnreachableError(_unreachable(tracking_uri, err)) from None
+        if _no_answer(err):
+            raise TrackingUnreachableError(_unreachable(tracking_uri, err)) from None
+        # It answered, with another complaint (say two jobs writing the same tag at once): the
+        # server is there and lets this user in, which is what is checked here.
     except OSError as err:  # requests' connection errors are OSErrors
         raise TrackingUnreachableError(_unreachable(tracking_uri, err)) from None
+
+
+def _no_answer(err: BaseException) -> bool:
+    """Whether an MLflow error means no server answered (as opposed to an answer refusing)."""
+    text = str(err)
+    return any(s in text for s in ("Connection refused", "Max retries exceeded",
+                                   "Failed to establish a new connection", "timed out",
+                                   "Name or service not known", "Temporary failure in name"))
 
 
 def _unreachable(uri: str, err: BaseException) -> str:
