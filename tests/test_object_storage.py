@@ -178,24 +178,29 @@ def test_a_lost_worker_node_is_survived_from_the_bucket(three_nodes, s3_server, 
     lost = {}
 
     def operator():
-        deadline = time.monotonic() + 600
-        while not list(marks.glob("reached-2-rank1")):  # the condition the run sets
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        assert storage.glob(storage.join(runs, "lossy"), "checkpoint_[0-9]*")  # in the bucket
-        node_id = (marks / "reached-2-rank1").read_text()
-        node = next(n for n in cluster.list_all_nodes() if n.node_id == node_id)
-        cluster.remove_node(node, allow_graceful=False)
-        lost["node"] = node_id
-        cluster.add_node(num_cpus=1)  # a fresh node joins
-        (marks / "go-2").write_text("")
+        try:
+            deadline = time.monotonic() + 600
+            while not list(marks.glob("reached-2-rank1")):  # the condition the run sets
+                assert time.monotonic() < deadline, "the run never reached step 2"
+                time.sleep(0.05)
+            lost["checkpoints"] = storage.glob(storage.join(runs, "lossy"), "checkpoint_[0-9]*")
+            node_id = (marks / "reached-2-rank1").read_text()
+            node = next(n for n in cluster.list_all_nodes() if n.node_id == node_id)
+            cluster.remove_node(node, allow_graceful=False)
+            lost["node"] = node_id
+            cluster.add_node(num_cpus=1)  # a fresh node joins
+        except BaseException as err:  # surfaced by the test below, never left hanging the run
+            lost["error"] = err
+        finally:
+            (marks / "go-2").write_text("")
 
     thread = threading.Thread(target=operator, daemon=True)
     thread.start()
     resumed = train(lossy_config(tiny, data, runs, uri, run_name="lossy"),
                     train_loop=hooks.pauses_at({2}, str(marks)))
     thread.join(timeout=60)
-    assert lost["node"]
+    assert "error" not in lost, repr(lost.get("error"))
+    assert lost["checkpoints"] and lost["node"]  # the step-2 checkpoint was in the bucket
 
     client = MlflowClient(uri)
     before = {m.step: m.value for m in client.get_metric_history(straight.mlflow_run_id, "loss")}
