@@ -127,6 +127,23 @@ def register_toy_generators():
 
 
 @pytest.fixture(scope="session")
+def fake_inputs():
+    """tests/fake_inputs.py: builders of user inputs in their real on-disk formats (image folders,
+    CIFAR-10 pickles, CelebA zip/folder, LSUN lmdb, cat2dog domains, torch-fidelity weights)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    name = "fdrl_test_fake_inputs"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("fake_inputs.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+@pytest.fixture(scope="session")
 def hooks():
     """tests/train_hooks.py: test-only wrappers of the production training loop, registered to
     be pickled by value so Ray workers (which cannot import test modules) receive them whole."""
