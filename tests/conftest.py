@@ -5,7 +5,8 @@ import fdrl  # noqa: F401  (sets the environment defaults before Ray or MLflow s
 # Tests that start Ray, a server or a job process are "integration" tests: the fast lane
 # (./dev test -m "not integration") leaves them out. A test is one if it uses one of these
 # fixtures, or if its module says so (pytestmark) because it starts them itself.
-INTEGRATION_FIXTURES = {"ray_cluster", "s3_server", "mlflow_server", "train", "hooks"}
+INTEGRATION_FIXTURES = {"ray_cluster", "s3_server", "mlflow_server", "fresh_mlflow_server",
+                        "train", "hooks"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -237,3 +238,15 @@ def mlflow_server(s3_server, tmp_path_factory):
         yield server.start()
     finally:
         server.stop(kill=True)  # its files are temporary: nothing to shut down cleanly for
+
+
+@pytest.fixture(scope="module")
+def fresh_mlflow_server(s3_server, tmp_path_factory):
+    """An MLflow server like ``mlflow_server``, new for one module: no users, experiments or
+    models that other modules made (a user's permissions then start as on a new server)."""
+    server = _servers().MlflowServer(tmp_path_factory.mktemp("mlflow-fresh"), s3_server.bucket(),
+                                     s3_server.env())
+    try:
+        yield server.start()
+    finally:
+        server.stop(kill=True)
