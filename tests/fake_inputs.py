@@ -101,6 +101,7 @@ def celeba(parent, n=3):
     ``parent/img_align_celeba/``. Returns (zip, folder)."""
     parent = Path(parent)
     folder, archive = parent / "img_align_celeba", parent / "img_align_celeba.zip"
+    parent.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(archive, "w") as zf:
         zf.writestr("img_align_celeba/", b"")
         for i in range(1, n + 1):
@@ -114,6 +115,7 @@ def lsun(path, entries):
     """An LSUN lmdb export at ``path`` (a folder) holding ``entries``: {key bytes: image bytes}."""
     import lmdb
 
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     env = lmdb.open(str(path), map_size=1 << 26, subdir=True)
     with env.begin(write=True) as txn:
         for key, value in entries.items():
