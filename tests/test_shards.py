@@ -3,9 +3,11 @@ import hashlib
 import io
 import os
 import pickle
+import struct
 import subprocess
 import sys
 import tarfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -325,7 +327,8 @@ def _png_header(width, height):
             + chunk(b"IEND", b""))
 
 
-def test_a_decompression_bomb_input_is_skipped_and_recorded(tmp_path):
+def test_a_decompression_bomb_input_is_skipped_and_recorded(tmp_path, fake_inputs):
+    noise, encoded, write = fake_inputs.noise, fake_inputs.encoded, fake_inputs.write
     write(tmp_path / "raw" / "a.png", encoded(noise(20, 20, 1), "PNG"))
     write(tmp_path / "raw" / "bomb.png", _png_header(100_000, 100_000))
     write(tmp_path / "raw" / "c.png", encoded(noise(20, 20, 2), "PNG"))
@@ -336,11 +339,12 @@ def test_a_decompression_bomb_input_is_skipped_and_recorded(tmp_path):
     assert read_manifest(tmp_path / "out")[1]["skipped"] == info.skipped
 
 
-def test_archive_members_over_the_bound_are_skipped_and_recorded(tmp_path, monkeypatch):
+def test_archive_members_over_the_bound_are_skipped_and_recorded(tmp_path, monkeypatch, fake_inputs):
     import lmdb
 
     from fdrl.data import limits
 
+    noise, encoded = fake_inputs.noise, fake_inputs.encoded
     small, large = encoded(noise(178, 218, 1), "JPEG", quality=50), encoded(noise(178, 218, 2), "PNG")
     assert len(small) < 20_000 < len(large)
     monkeypatch.setattr(limits, "MAX_MEMBER_BYTES", 20_000)  # the real bound needs 256 MiB inputs
