@@ -30,7 +30,9 @@ def ray_cluster():
     """A local Ray for one test module; each module starts and shuts down its own."""
     import ray
 
-    ray.init(num_cpus=2)  # with the dashboard: Train's placement-group cleaner needs its State API
+    # address="local": a new Ray of this module's own. With no address, ray.init() joins any Ray
+    # found running on the machine (another session's), and fails when given num_cpus.
+    ray.init(address="local", num_cpus=2)  # with the dashboard: Train's PG cleaner needs its State API
     yield
     ray.shutdown()
 
