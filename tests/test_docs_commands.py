@@ -142,7 +142,7 @@ def fenced_blocks(text: str):
         body, j = [], i + 1
         while j < len(lines) and not close.match(lines[j]):
             line = lines[j]
-            body.append(line[indent:] if line[:indent].isspace() else line.lstrip())
+            body.append(line[indent:] if not line[:indent].strip() else line.lstrip())
             j += 1
         yield lang, i + 2, body, j + 1
         i = j + 1
@@ -863,7 +863,8 @@ def test_extraction_rules():
         "  echo $r",
         "done",
         "ray exec c.yaml 'python -c \"",
-        "print(1)",
+        "for i in (1,):",
+        "    print(i)",
         "\"'",
         "this line is output",
         "```",
@@ -887,11 +888,12 @@ def test_extraction_rules():
         "echo '# not a comment' \"#nor this\"",
         "cat > f.json <<'EOF' {\"a\": 1} EOF",
         "for r in a b; do echo $r done",
-        "ray exec c.yaml 'python -c \" print(1) \"'",
+        "ray exec c.yaml 'python -c \" for i in (1,): print(i) \"'",
         "python not/after/a/shell/block.py",
     ]
-    assert [c.line for c in commands] == [2, 5, 6, 9, 12, 25]
-    assert skipped == ["x.md:15: this line is output"]
+    assert commands[4].text == "ray exec c.yaml 'python -c \"\nfor i in (1,):\n    print(i)\n\"'"
+    assert [c.line for c in commands] == [2, 5, 6, 9, 12, 26]
+    assert skipped == ["x.md:16: this line is output"]
     assert commands[4].expected_error is None and commands[5].output == []
     commands, _ = extract("y.md", "```sh\npython a.py\n```\n```\nerror: no such flag --x\n```\n")
     assert commands[0].expected_error == "error: no such flag --x"
