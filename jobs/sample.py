@@ -26,9 +26,9 @@ import fdrl  # noqa: F401  (environment defaults before Ray and MLflow: fdrl/env
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from fdrl.core.chunks import CHUNK
+from fdrl.data import storage
 
 
 def main(argv=None) -> int:
@@ -79,14 +79,14 @@ def main(argv=None) -> int:
         print(f"\n{summary['kind']}: {summary['model']}, {summary['seconds']:.1f} s, "
               f"{summary['images_per_s']:.1f} images/s\nsamples: {summary['samples']}\n"
               f"grid:    {summary['grid']}")
-        Path(args.out, "summary.json").write_text(json.dumps(summary, indent=1))
+        storage.write_text(storage.join(args.out, "summary.json"), json.dumps(summary, indent=1))
         return 0
     flow = summary["flow"]
     print(f"\n{summary['n']} samples from {summary['model']} with K + kappa = "
           f"{flow['flow_steps']} + {flow['extra_steps']} flow steps on {summary['workers']} "
           f"workers: {summary['seconds']:.1f} s, {summary['images_per_s']:.1f} images/s")
     print(f"samples: {summary['samples']}\ngrid:    {summary['grid']}")
-    Path(args.out, "summary.json").write_text(json.dumps(summary, indent=1))
+    storage.write_text(storage.join(args.out, "summary.json"), json.dumps(summary, indent=1))
     return 0
 
 

@@ -5,7 +5,8 @@ import fdrl  # noqa: F401  (sets the environment defaults before Ray or MLflow s
 # Tests that start Ray, a server or a job process are "integration" tests: the fast lane
 # (./dev test -m "not integration") leaves them out. A test is one if it uses one of these
 # fixtures, or if its module says so (pytestmark) because it starts them itself.
-INTEGRATION_FIXTURES = {"ray_cluster", "s3_server", "mlflow_server", "train", "hooks"}
+INTEGRATION_FIXTURES = {"ray_cluster", "s3_server", "mlflow_server", "fresh_mlflow_server",
+                        "train", "hooks"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -29,7 +30,9 @@ def ray_cluster():
     """A local Ray for one test module; each module starts and shuts down its own."""
     import ray
 
-    ray.init(num_cpus=2)  # with the dashboard: Train's placement-group cleaner needs its State API
+    # address="local": a new Ray of this module's own. With no address, ray.init() joins any Ray
+    # found running on the machine (another session's), and fails when given num_cpus.
+    ray.init(address="local", num_cpus=2)  # with the dashboard: Train's PG cleaner needs its State API
     yield
     ray.shutdown()
 
@@ -127,6 +130,23 @@ def register_toy_generators():
 
 
 @pytest.fixture(scope="session")
+def fake_inputs():
+    """tests/fake_inputs.py: builders of user inputs in their real on-disk formats (image folders,
+    CIFAR-10 pickles, CelebA zip/folder, LSUN lmdb, cat2dog domains, torch-fidelity weights)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    name = "fdrl_test_fake_inputs"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("fake_inputs.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+@pytest.fixture(scope="session")
 def hooks():
     """tests/train_hooks.py: test-only wrappers of the production training loop, registered to
     be pickled by value so Ray workers (which cannot import test modules) receive them whole."""
@@ -220,3 +240,15 @@ def mlflow_server(s3_server, tmp_path_factory):
         yield server.start()
     finally:
         server.stop(kill=True)  # its files are temporary: nothing to shut down cleanly for
+
+
+@pytest.fixture(scope="module")
+def fresh_mlflow_server(s3_server, tmp_path_factory):
+    """An MLflow server like ``mlflow_server``, new for one module: no users, experiments or
+    models that other modules made (a user's permissions then start as on a new server)."""
+    server = _servers().MlflowServer(tmp_path_factory.mktemp("mlflow-fresh"), s3_server.bucket(),
+                                     s3_server.env())
+    try:
+        yield server.start()
+    finally:
+        server.stop(kill=True)

@@ -25,22 +25,6 @@ REPO = Path(__file__).resolve().parents[1]
 # ------------------------------------------------------------------------------------ helpers
 
 
-def noise(w, h, seed=0):
-    return Image.fromarray(np.random.RandomState(seed).randint(0, 256, (h, w, 3), np.uint8))
-
-
-def encoded(img, fmt, **kwargs):
-    buffer = io.BytesIO()
-    img.save(buffer, format=fmt, **kwargs)
-    return buffer.getvalue()
-
-
-def write(path, data):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    return path
-
-
 def shard_samples(tar_path):
     """{sample key: {extension: bytes}} of one shard."""
     samples = {}
@@ -72,8 +56,9 @@ def quiet(**kwargs):
 
 
 @pytest.fixture
-def messy_folder(tmp_path):
+def messy_folder(tmp_path, fake_inputs):
     """5 good images (nested, mixed formats and case) and 3 undecodable ones, plus a non-image."""
+    noise, encoded, write = fake_inputs.noise, fake_inputs.encoded, fake_inputs.write
     root = tmp_path / "raw"
     write(root / "a.jpg", encoded(noise(40, 30, 1), "JPEG"))
     write(root / "sub" / "b.png", encoded(noise(30, 40, 2), "PNG"))
@@ -123,7 +108,8 @@ def test_folder_counts_skips_and_manifest(messy_folder, tmp_path):
                     "00000006_sub_deeper_c"]
 
 
-def test_images_are_resized_and_centre_cropped(tmp_path):
+def test_images_are_resized_and_centre_cropped(tmp_path, fake_inputs):
+    encoded, write = fake_inputs.encoded, fake_inputs.write
     # Three vertical bands: only the green middle one survives "shorter side, centre crop".
     bands = np.zeros((40, 160, 3), np.uint8)
     bands[:, :50, 0] = bands[:, 50:110, 1] = bands[:, 110:, 2] = 255
@@ -139,7 +125,7 @@ def test_images_are_resized_and_centre_cropped(tmp_path):
     assert (np.asarray(images["00000001_grey"]) == 128).all()  # L converted to RGB
 
 
-def test_resume_keeps_complete_shards(messy_folder, tmp_path):
+def test_resume_keeps_complete_shards(messy_folder, tmp_path, fake_inputs):
     out = tmp_path / "shards"
     first = convert("folder", messy_folder, out, resolution=16, shard_size=3, **quiet())
     table, meta = read_manifest(out)
@@ -149,7 +135,7 @@ def test_resume_keeps_complete_shards(messy_folder, tmp_path):
     shards[1].unlink()
     (out / MANIFEST_NAME).unlink()
     # Inputs of complete shards are not decoded again: garbling one goes unnoticed.
-    write(messy_folder / "sub" / "deeper" / "c.webp", b"garbage")
+    fake_inputs.write(messy_folder / "sub" / "deeper" / "c.webp", b"garbage")
     second = convert("folder", messy_folder, out, resolution=16, shard_size=3, **quiet())
 
     assert second.reused_shards == 2 and second.shard_count == 3
@@ -173,53 +159,9 @@ def test_changed_parameters_rebuild_and_stale_shards_go(messy_folder, tmp_path):
 # ------------------------------------------------------------------------------------ CIFAR-10
 
 
-class Py2Pickler(pickle._Pickler):
-    """Writes str and bytes as Python 2 strings, the layout of the official CIFAR-10 batches."""
-
-    dispatch = dict(pickle._Pickler.dispatch)
-
-    def save_py2_str(self, obj):
-        data = obj.encode("latin1") if isinstance(obj, str) else obj
-        self.write(pickle.BINSTRING + struct.pack("<i", len(data)) + data)
-        self.memoize(obj)
-
-    dispatch[str] = save_py2_str
-    dispatch[bytes] = save_py2_str
-
-
-def py2_dump(obj, f):
-    Py2Pickler(f, protocol=2).dump(obj)
-
-
-def py3_dump(obj, f):
-    pickle.dump(obj, f, protocol=4)
-
-
-def cifar_dir(tmp_path, dump):
-    """A fake ``cifar-10-batches-py``: 2 images per train batch, 3 in the test batch."""
-    root = tmp_path / "cifar-10-batches-py"
-    root.mkdir()
-    images = {}
-    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
-    for seed, name in enumerate(names):
-        n = 3 if name == "test_batch" else 2
-        hwc = np.random.RandomState(seed).randint(0, 256, (n, 32, 32, 3), np.uint8)
-        hwc[0, 0, 0] = (255, 0, 10)  # a pixel whose channel order is unmistakable
-        images[name] = hwc
-        batch = {
-            b"batch_label": name.encode(),
-            b"labels": [(seed + i) % 10 for i in range(n)],
-            b"data": hwc.transpose(0, 3, 1, 2).reshape(n, 3072),  # R plane, G plane, B plane
-            b"filenames": [f"img_{seed}_{i}.png".encode() for i in range(n)],
-        }
-        with open(root / name, "wb") as f:
-            dump(batch, f)
-    return root, images
-
-
-@pytest.mark.parametrize("dump", [py2_dump, py3_dump])
-def test_cifar10_images_and_labels(tmp_path, dump):
-    root, images = cifar_dir(tmp_path, dump)
+@pytest.mark.parametrize("dump", ["py2", "py3"])
+def test_cifar10_images_and_labels(tmp_path, dump, fake_inputs):
+    root, images = fake_inputs.cifar10(tmp_path, fake_inputs.DUMPS[dump])
     train = convert("cifar10", root, tmp_path / "train", shard_size=4, **quiet())
     test = convert("cifar10", root, tmp_path / "test", split="test", **quiet())
 
@@ -236,10 +178,10 @@ def test_cifar10_images_and_labels(tmp_path, dump):
     assert first.getpixel((0, 0)) == (255, 0, 10)
 
 
-def test_cifar10_shards_read_with_webdataset(tmp_path):
+def test_cifar10_shards_read_with_webdataset(tmp_path, fake_inputs):
     import webdataset as wds
 
-    root, images = cifar_dir(tmp_path, py2_dump)
+    root, images = fake_inputs.cifar10(tmp_path)
     convert("cifar10", root, tmp_path / "out", split="test", **quiet())
     dataset = wds.WebDataset(shard_urls(tmp_path / "out"), shardshuffle=False).decode("pil")
     samples = list(dataset)
@@ -255,8 +197,8 @@ class RunsShell:
         return os.system, (f"touch {self.marker}",)
 
 
-def test_cifar10_refuses_pickles_that_reference_code(tmp_path):
-    root, _ = cifar_dir(tmp_path, py2_dump)
+def test_cifar10_refuses_pickles_that_reference_code(tmp_path, fake_inputs):
+    root, _ = fake_inputs.cifar10(tmp_path)
     marker = tmp_path / "pwned"
     with open(root / "data_batch_1", "wb") as f:
         pickle.dump({b"data": RunsShell(marker), b"labels": []}, f, protocol=4)
@@ -274,15 +216,8 @@ def test_cifar10_refuses_pickles_that_reference_code(tmp_path):
 # ------------------------------------------------------------------------ CelebA, LSUN, cat2dog
 
 
-def test_celeba_zip_and_folder_give_the_same_shards(tmp_path):
-    folder = tmp_path / "img_align_celeba"
-    archive = tmp_path / "img_align_celeba.zip"
-    with zipfile.ZipFile(archive, "w") as zf:
-        zf.writestr("img_align_celeba/", b"")
-        for i in range(1, 4):
-            data = encoded(noise(178, 218, i), "JPEG")
-            write(folder / f"{i:06d}.jpg", data)
-            zf.writestr(f"img_align_celeba/{i:06d}.jpg", data)
+def test_celeba_zip_and_folder_give_the_same_shards(tmp_path, fake_inputs):
+    archive, folder = fake_inputs.celeba(tmp_path, 3)
 
     from_zip = convert("celeba", archive, tmp_path / "zip", **quiet())
     from_folder = convert("celeba", folder, tmp_path / "folder", **quiet())
@@ -294,16 +229,12 @@ def test_celeba_zip_and_folder_give_the_same_shards(tmp_path):
     assert not any("cls" in s for s in samples.values())
 
 
-def test_lsun_lmdb(tmp_path):
-    import lmdb
-
-    path = tmp_path / "church_outdoor_train_lmdb"
-    env = lmdb.open(str(path), map_size=1 << 24, subdir=True)
-    with env.begin(write=True) as txn:
-        txn.put(b"b_webp", encoded(noise(96, 72, 1), "WEBP", quality=90))
-        txn.put(b"a_jpeg", encoded(noise(72, 96, 2), "JPEG"))
-        txn.put(b"c_broken", b"not an image")
-    env.close()
+def test_lsun_lmdb(tmp_path, fake_inputs):
+    noise, encoded = fake_inputs.noise, fake_inputs.encoded
+    path = fake_inputs.lsun(tmp_path / "church_outdoor_train_lmdb", {
+        b"b_webp": encoded(noise(96, 72, 1), "WEBP", quality=90),
+        b"a_jpeg": encoded(noise(72, 96, 2), "JPEG"),
+        b"c_broken": b"not an image"})
 
     info = convert("lsun", path, tmp_path / "out", resolution=32, **quiet())
 
@@ -314,12 +245,9 @@ def test_lsun_lmdb(tmp_path):
     assert {png(s["png"]).size for s in samples.values()} == {(32, 32)}
 
 
-def test_cat2dog_one_shard_set_per_domain(tmp_path):
-    root = tmp_path / "cat2dog"
+def test_cat2dog_one_shard_set_per_domain(tmp_path, fake_inputs):
     counts = {"trainA": 2, "trainB": 3, "testA": 1}
-    for domain, n in counts.items():
-        for i in range(n):
-            write(root / domain / f"{i}.jpg", encoded(noise(100, 100, i), "JPEG"))
+    root = fake_inputs.cat2dog(tmp_path / "cat2dog", counts)
 
     infos = convert_cat2dog(root, tmp_path / "out", **quiet())
 
@@ -399,7 +327,8 @@ def _png_header(width, height):
             + chunk(b"IEND", b""))
 
 
-def test_a_decompression_bomb_input_is_skipped_and_recorded(tmp_path):
+def test_a_decompression_bomb_input_is_skipped_and_recorded(tmp_path, fake_inputs):
+    noise, encoded, write = fake_inputs.noise, fake_inputs.encoded, fake_inputs.write
     write(tmp_path / "raw" / "a.png", encoded(noise(20, 20, 1), "PNG"))
     write(tmp_path / "raw" / "bomb.png", _png_header(100_000, 100_000))
     write(tmp_path / "raw" / "c.png", encoded(noise(20, 20, 2), "PNG"))
@@ -410,11 +339,12 @@ def test_a_decompression_bomb_input_is_skipped_and_recorded(tmp_path):
     assert read_manifest(tmp_path / "out")[1]["skipped"] == info.skipped
 
 
-def test_archive_members_over_the_bound_are_skipped_and_recorded(tmp_path, monkeypatch):
+def test_archive_members_over_the_bound_are_skipped_and_recorded(tmp_path, monkeypatch, fake_inputs):
     import lmdb
 
     from fdrl.data import limits
 
+    noise, encoded = fake_inputs.noise, fake_inputs.encoded
     small, large = encoded(noise(178, 218, 1), "JPEG", quality=50), encoded(noise(178, 218, 2), "PNG")
     assert len(small) < 20_000 < len(large)
     monkeypatch.setattr(limits, "MAX_MEMBER_BYTES", 20_000)  # the real bound needs 256 MiB inputs

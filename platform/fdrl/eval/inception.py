@@ -52,15 +52,16 @@ def packaged_weights_path() -> Path:
 
 
 def resolve_weights(path: Optional[str | os.PathLike] = None) -> Path:
-    """``path``, else $FDRL_FID_WEIGHTS, else the packaged file. A URI (``s3://...``) is
-    downloaded once per node into the node's cache."""
+    """``path``, else $FDRL_FID_WEIGHTS, else the packaged file. An object-store URI is
+    downloaded once per node (``storage.node_copy``)."""
     from fdrl.data import storage
 
     given = path or os.environ.get(FID_WEIGHTS_ENV)
     if given and storage.is_uri(given):
-        if not storage.is_file(given):
-            raise FileNotFoundError(f"FID Inception weights not found: {given}")
-        return storage.node_copy(given)
+        try:
+            return storage.node_copy(given)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"FID Inception weights not found: {given}") from None
     chosen = Path(given).expanduser() if given else packaged_weights_path()
     if not chosen.is_file():
         raise FileNotFoundError(f"FID Inception weights not found: {chosen}")
