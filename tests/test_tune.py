@@ -28,7 +28,7 @@ def sweep(tmp_path_factory, hooks):
                        checkpoint_every=10**9, sample_every=10**9, grid_size=4,
                        storage=str(tmp / "runs"), tracking_uri=f"sqlite:///{tmp}/mlflow.db")
     space = {"pairing": {"choice": ["lr-kl"]}, "eta": {"loguniform": [1.0, 3.0]}}
-    ray.init(num_cpus=2)  # with the dashboard: Train's placement-group cleaner needs its State API
+    ray.init(address="local", num_cpus=2)  # with the dashboard: Train's placement-group cleaner needs its State API
     try:
         # Fixed trials run first, in order: the two sound ones start together (so they must share
         # the 2 CPUs), the diverging one takes the first free slot. grace_period = steps: ASHA

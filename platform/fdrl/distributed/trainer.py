@@ -27,6 +27,8 @@ INFRASTRUCTURE_NAMES = {  # Ray's exception classes for a lost process or node, 
     "WorkerHealthCheckTimeoutError", "WorkerGroupStartupFailedError",
     "WorkerGroupStartupTimeoutError", "PreemptionError", "ObjectLostError",
 }
+LOST_PEER_WORDS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                   "NCCL communicator was aborted")
 
 
 @dataclass
@@ -125,9 +127,10 @@ def _drain(queue, on_report) -> None:
 
 
 def classify(err: BaseException) -> tuple[bool, BaseException, str]:
-    """(retry?, the cause, one line naming it) for a failed ``trainer.fit()``. One infrastructure
-    failure among the workers' errors makes the run retryable: when a rank dies, the others fail
-    with collateral errors (a closed connection in the all-reduce)."""
+    """(retry?, the cause, one line naming it) for a failed ``trainer.fit()``. A lost process or
+    node among the workers' errors makes the run retryable. When a rank dies, the others fail with
+    collateral errors (a closed connection in the all-reduce), often before Ray notices the death:
+    those alone also mean a lost peer, but a worker's own error beside them is the cause."""
     failures = list(getattr(err, "worker_failures", {}).items())
     controller = getattr(err, "controller_failure", None)
     if controller is not None:
@@ -137,7 +140,11 @@ def classify(err: BaseException) -> tuple[bool, BaseException, str]:
     if lost:
         rank, cause = lost[0]
         return True, cause, f"{_where(rank)} lost: {type(cause).__name__}: {_first_line(cause)}"
-    rank, cause = causes[0]
+    own = [(rank, e) for rank, e in causes if not _is_lost_peer(e)]
+    if not own:
+        rank, cause = causes[0]
+        return True, cause, f"a peer of {_where(rank)} lost: {_first_line(cause)}"
+    rank, cause = own[0]
     return False, cause, f"{_where(rank)}: {describe(cause)}"
 
 
@@ -160,6 +167,14 @@ def _unwrap(error: BaseException) -> BaseException:
 
 def _is_infrastructure(error: BaseException) -> bool:
     return any(cls.__name__ in INFRASTRUCTURE_NAMES for cls in type(error).__mro__)
+
+
+def _is_lost_peer(error: BaseException) -> bool:
+    # torch.distributed's own class for a backend failure, or gloo's and NCCL's words for a peer
+    # that went away mid-collective.
+    if any(cls.__name__ == "DistBackendError" for cls in type(error).__mro__):
+        return True
+    return isinstance(error, RuntimeError) and any(words in str(error) for words in LOST_PEER_WORDS)
 
 
 def _where(rank) -> str:
