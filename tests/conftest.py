@@ -9,6 +9,24 @@ INTEGRATION_FIXTURES = {"ray_cluster", "s3_server", "mlflow_server", "fresh_mlfl
                         "train", "hooks"}
 
 
+def pytest_sessionstart(session):
+    """Forget a dead Ray cluster that advertised itself in /tmp/ray/ray_current_cluster (a
+    simulated cluster or `ray start` head killed before its clean-up): a job's plain ray.init()
+    would try to join it and fail instead of starting its own Ray. A live one is left alone."""
+    import socket
+    from pathlib import Path
+
+    advert = Path("/tmp/ray/ray_current_cluster")
+    try:
+        host, port = advert.read_text().strip().rsplit(":", 1)
+    except (OSError, ValueError):
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=2).close()
+    except OSError:
+        advert.unlink(missing_ok=True)
+
+
 def pytest_collection_modifyitems(config, items):
     """Mark integration tests; leave slow tests out unless the -m expression names them."""
     wants_slow = "slow" in (config.option.markexpr or "") and "not slow" not in config.option.markexpr

@@ -196,6 +196,10 @@ def test_a_lost_worker_node_is_survived_from_the_bucket(three_nodes, s3_server, 
             while not list(marks.glob("reached-2-rank1")):  # the condition the run sets
                 assert time.monotonic() < deadline, "the run never reached step 2"
                 time.sleep(0.05)
+            # rank 1 reaches step 2 while rank 0 may still be uploading the step-2 checkpoint
+            while not storage.glob(storage.join(runs, "lossy"), "checkpoint_[0-9]*"):
+                assert time.monotonic() < deadline, "the step-2 checkpoint never reached the bucket"
+                time.sleep(0.05)
             lost["checkpoints"] = storage.glob(storage.join(runs, "lossy"), "checkpoint_[0-9]*")
             node_id = (marks / "reached-2-rank1").read_text()
             node = next(n for n in cluster.list_all_nodes() if n.node_id == node_id)
