@@ -57,7 +57,7 @@ class _SamplerActor:
 
     def sample(self, seed: int, index: int, size: int, label: Optional[int] = None,
                start: Optional[np.ndarray] = None) -> np.ndarray:
-        potential = None if label is None else class_potential(self.classifier, label, self.phi)
+        potential = None if label is None else class_potential(self.classifier, label, self.phi, self.pairing)
         part = sample_chunk(self.net, self.pairing, self.flow, seed, index, size, prior=self.prior,
                             start=None if start is None else torch.tensor(start),  # a copy: Ray arrays are read-only
                             extra_potential=potential, device=self.device)
