@@ -6,7 +6,8 @@ its causes one at a time on runs of jobs/fdrl_mnist.py with the same seeds.
     # loss and mean log r curves of runs (read from MLflow), a table and a plot
     python benchmarks/demo_runaway.py curves RUN_DIR... --out runs/runaway/curves
     # mean log r of each checkpoint's network (live and EMA) on training digits, held-out digits
-    # and flowed samples: does the estimator tell unseen real digits from the ones it trained on?
+    # and flowed samples (does the estimator tell unseen real digits from the ones it trained
+    # on?), and mean log r along the K-step flow (does the flow still descend r?)
     python benchmarks/demo_runaway.py heldout RUN_DIR --train data/mnist4500 --heldout data/mnist500
 
 RUN_DIR is a run folder (runs/<name>, with fdrl_run.json and checkpoint_*/).
@@ -106,7 +107,7 @@ def heldout(args):
 
     torch.set_num_threads(args.threads)
     train, _, _ = load_labeled(args.train)
-    held, _, _ = load_labeled(args.heldout)
+    held, _, _ = load_labeled(args.heldout) if args.heldout else (train[-500:], None, None)
     gen = torch.Generator().manual_seed(0)
     train = train[torch.randperm(len(train), generator=gen)[:len(held)]]  # as many as held out
     rows = []
@@ -122,7 +123,9 @@ def heldout(args):
             net.eval().requires_grad_(False)
             g = torch.Generator().manual_seed(1)
             x0 = prior.sample(len(held), g)
-            flowed = flow(net, x0, pairing, cfg["flow_steps"], cfg["eta"], cfg["nu"], g, precision=cfg["precision"])
+            flowed, trace = flow(net, x0, pairing, cfg["flow_steps"], cfg["eta"], cfg["nu"], g,
+                                 return_log_r=True, precision=cfg["precision"])
+            row[f"{which}_flow_log_r"] = [round(float(v), 3) for v in trace[::5]]  # every 5th flow step
             for name, x in (("train", train), ("heldout", held), ("flowed", flowed)):
                 row[f"{which}_{name}"] = mean_log_r(net, pairing, dequantize(x, cfg["dequant"], g), cfg["precision"])
         rows.append(row)
@@ -143,7 +146,8 @@ def main(argv=None):
     h = sub.add_parser("heldout")
     h.add_argument("run_dir", type=Path)
     h.add_argument("--train", type=Path, required=True)
-    h.add_argument("--heldout", type=Path, required=True)
+    h.add_argument("--heldout", type=Path, default=None,
+                   help="held-out digits (without: only training digits and flowed samples mean anything)")
     h.add_argument("--threads", type=int, default=1)
     h.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)

@@ -27,10 +27,14 @@ class LeNet(nn.Module):
         self.c1, self.c2 = nn.Conv2d(1, 32, 5, padding=2), nn.Conv2d(32, 64, 5, padding=2)
         self.f1, self.f2 = nn.Linear(64 * 8 * 8, 256), nn.Linear(256, 10)
 
-    def forward(self, x):
+    def features(self, x):
+        """256-d penultimate activations: the space of the domain FDs measured with this net."""
         x = F.max_pool2d(F.relu(self.c1(x)), 2)
         x = F.max_pool2d(F.relu(self.c2(x)), 2)
-        return self.f2(F.dropout(F.relu(self.f1(x.flatten(1))), 0.3, self.training))
+        return F.relu(self.f1(x.flatten(1)))
+
+    def forward(self, x):
+        return self.f2(F.dropout(self.features(x), 0.3, self.training))
 
 
 def mnist5k():
