@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fdrl.distributed.composed import conditional_to_dir, load_source, translate_to_dir
+from fdrl.workflows.sample import conditional_to_dir, load_source, translate_to_dir
 from fdrl.eval.classifier import load_classifier, load_labeled
 from fdrl.eval.metrics import domain_features, frechet_distance_from_moments
 

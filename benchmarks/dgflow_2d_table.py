@@ -74,8 +74,8 @@ def run_rows(dataset, seed, rseed, model, real, args, results, first):
     """Every row of ROWS on one generator with refinement seed ``rseed`` (the same latents)."""
     from fdrl.core.dgflow import paper_settings
     from fdrl.data.toy import toy_metrics
-    from fdrl.distributed.refine_job import plot_2d
-    from fdrl.distributed.refining import refine_model
+    from fdrl.workflows.refine import plot_2d
+    from fdrl.workflows.refine import refine_model
 
     for row, spec in ROWS:
         start = time.perf_counter()

@@ -24,11 +24,13 @@ def main():
     import ray
     import torch
 
+    from fdrl.data.manifest import open_shard_set
+    from fdrl.data.stream import shard_batches
     from fdrl.data.writer import convert
-    from fdrl.distributed.fid import shard_stats_distributed
-    from fdrl.eval.fid import feature_stats
+    from fdrl.distributed.fanout import ActorPool
+    from fdrl.eval.fid import FeatureWorker, feature_stats
     from fdrl.eval.inception import InceptionFeatures
-    from fdrl.eval.metrics import shard_batches
+    from fdrl.workflows.standard_fid import shard_stats
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -44,7 +46,8 @@ def main():
                      time.perf_counter() - start))
         ray.init()
         start = time.perf_counter()
-        dist = shard_stats_distributed(shards, workers=args.workers, progress=False)
+        with ActorPool(args.workers, FeatureWorker) as pool:
+            dist = shard_stats(pool, open_shard_set(shards), progress=False)
         rows.append((f"Ray, {args.workers} actors", dist.count, time.perf_counter() - start))
         ray.shutdown()
     print("| extraction | images | seconds | images/s | s per 1000 images |")

@@ -9,6 +9,7 @@ Usage: python benchmarks/fid_training_cost.py [--steps 5] [--fid-samples 256] [-
 import argparse
 import tempfile
 import time
+from pathlib import Path
 
 import fdrl  # noqa: F401  (environment defaults before Ray and MLflow: fdrl/env.py)
 
@@ -30,9 +31,9 @@ def main():
     from fdrl.core.step import make_state, train_step
     from fdrl.data.stream import ShardStream
     from fdrl.data.manifest import open_shard_set
-    from fdrl.eval.fid import reference_stats
+    from fdrl.data.stream import shard_batches
+    from fdrl.eval.fid import feature_stats
     from fdrl.eval.inception import InceptionFeatures
-    from fdrl.eval.metrics import shard_batches
     from fdrl.eval.training_fid import TrainingFID
     from fdrl.presets import MNIST, mnist_data
 
@@ -53,9 +54,11 @@ def main():
     step_s = (time.perf_counter() - start) / args.steps
 
     with tempfile.TemporaryDirectory() as tmp:
-        reference = args.reference or str(  # once per dataset, then cached: not part of the cost
-            reference_stats(data, InceptionFeatures(), limit=args.fid_samples, cache_dir=tmp)[1])
-        fid = TrainingFID(data, args.fid_samples, 0, 0, "cpu", reference=reference, threads=args.threads)
+        reference = args.reference  # once per dataset, then cached: not part of the cost
+        if not reference:
+            reference = feature_stats(InceptionFeatures(), shard_batches(data, 64, limit=args.fid_samples),
+                                      limit=args.fid_samples).save(Path(tmp) / "reference.safetensors")
+        fid = TrainingFID(reference, args.fid_samples, 0, 0, "cpu", threads=args.threads)
         value = fid(state.ema, prior, pairing, flow)
     print(f"training step (batch {MNIST.batch}, K = {MNIST.flow_steps}): {step_s:.2f} s")
     print(f"end-of-run FID-{args.fid_samples}: {fid.seconds:.1f} s (value {value:.1f}) "

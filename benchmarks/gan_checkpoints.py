@@ -44,7 +44,7 @@ def main(argv=None):
         rows.append((step, m, x))
         print(json.dumps({"step": step, **{k: round(v, 3) for k, v in m.items()}}), flush=True)
     if args.plot and rows:
-        from fdrl.distributed.refine_job import plot_2d
+        from fdrl.workflows.refine import plot_2d
 
         step, _, x = max(rows, key=lambda r: r[0])
         plot_2d(x, x, args.plot, f"step {step}", cfg["dataset"])

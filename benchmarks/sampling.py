@@ -17,7 +17,7 @@ import fdrl  # noqa: F401  (environment defaults before Ray and MLflow: fdrl/env
 def register_random_model(root: Path) -> tuple[str, str]:
     import torch
 
-    from fdrl.distributed.checkpoint import save_checkpoint
+    from fdrl.data.checkpoint import save_checkpoint
     from fdrl.config import TrainConfig
     from fdrl.core.networks import build_network
     from fdrl.tracking.registry import log_fdrl_model
@@ -46,7 +46,7 @@ def main():
     import ray
 
     from fdrl.tracking.registry import load_fdrl_model
-    from fdrl.distributed.sampling import sample_distributed
+    from fdrl.workflows.sample import sample_distributed
 
     ray.init(num_cpus=2)  # with the dashboard: Train's placement-group cleaner needs its State API
     model_uri, uri = register_random_model(Path(tempfile.mkdtemp(prefix="fdrl-bench-")))

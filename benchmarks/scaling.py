@@ -49,7 +49,7 @@ def main():
     from mlflow.tracking import MlflowClient
 
     from fdrl.config import TrainConfig
-    from fdrl.distributed.launch import run_training
+    from fdrl.workflows.train import check_run, resolve, run_training
 
     ray.init(num_cpus=2)  # with the dashboard: Train's placement-group cleaner needs its State API
     tmp = Path(tempfile.mkdtemp(prefix="fdrl-scaling-"))
@@ -66,7 +66,7 @@ def main():
                               log_every=args.log_every,
                               checkpoint_every=10**9, sample_every=10**9, storage=str(tmp / "runs"),
                               tracking_uri=uri, run_name=f"r{round_index}-w{workers}")
-            result = run_training(cfg)
+            result = run_training(check_run(resolve(cfg)))
             client = MlflowClient(uri)
             run_id = result.mlflow_run_id
             rate = [m.value for m in client.get_metric_history(run_id, "images_per_s")][1:]

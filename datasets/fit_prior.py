@@ -18,7 +18,6 @@ import fdrl  # noqa: F401  (environment defaults before Ray and MLflow: fdrl/env
 
 import argparse
 import sys
-from pathlib import Path
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,21 +45,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
 
-    import ray
+    from fdrl.data import storage
+    from fdrl.workflows.priors import fit_prior_distributed, save_prior
 
-    from fdrl.distributed.prior_fit import fit_prior_distributed
-
-    if not ray.is_initialized():
-        ray.init()  # RAY_ADDRESS, or the cluster of a `ray job submit`, else a local Ray
-    prior, seconds = fit_prior_distributed(shard_set, args.kind, rank=args.rank,
-                                           tasks=args.tasks, seed=args.seed)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    prior.save(out)
+    # On RAY_ADDRESS's cluster, or the cluster of a `ray job submit`, else a local Ray.
+    try:
+        prior, seconds = fit_prior_distributed(shard_set, args.kind, rank=args.rank,
+                                               tasks=args.tasks, seed=args.seed)
+    except (OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    out = storage.resolve(args.out)
+    save_prior(prior, out)
     print(f"fitted {args.kind} Gaussian prior on {prior.count} images of shape "
           f"{shard_set.shape} from {len(shard_set.shards)} shards in {seconds:.1f} s")
-    print(f"wrote {out.resolve()} ({out.stat().st_size / 2**20:.1f} MiB)")
-    print(f"train with: --prior {args.kind} --prior-path {out.resolve()}")
+    print(f"wrote {out}")
+    print(f"train with: --prior {args.kind} --prior-path {out}")
     return 0
 
 

@@ -9,7 +9,11 @@ Examples:
     python datasets/prepare.py cat2dog ~/raw/cat2dog --out data/cat2dog   # out/trainA, out/trainB, ...
     python datasets/prepare.py folder ~/photos --out data/photos --resolution 64
     python datasets/prepare.py folder ~/scans --out data/scans --resolution 32 --channels 1
+    python datasets/prepare.py cifar10 ~/raw/cifar-10-batches-py --out s3://bucket/data/cifar10
 
+--out may be an object-store URI (s3://, gs://; credentials and endpoint from the usual AWS_* /
+Google variables): each shard is written to a local temporary file, uploaded, then its sidecar;
+the manifest goes last, so an interrupted upload is never a valid shard set.
 Rerunning the same command resumes: complete shards are kept, the rest are written.
 """
 
@@ -42,7 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("kind", choices=KINDS, help="source dataset kind")
     parser.add_argument("input", nargs="?", metavar="INPUT", help="raw dataset path (not used for mnist, sklearn-digits)")
-    parser.add_argument("--out", required=True, metavar="DIR", help="output directory for shards + manifest")
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="output folder or s3://, gs:// URI for shards + manifest")
     parser.add_argument("--resolution", type=int, metavar="R", help="training resolution (default per kind)")
     parser.add_argument("--shard-size", type=int, metavar="N",
                         help="samples per shard (default: 1000, or a small set cut into 8 shards)")

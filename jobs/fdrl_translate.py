@@ -50,21 +50,27 @@ def domain_name(path: str) -> str:
     return Path(path).resolve().name
 
 
+def named_after_domains(cfg: TrainConfig) -> TrainConfig:
+    """Runs and the registered model are fdrl-<source>-to-<target> unless --dataset names them."""
+    if not cfg.source or not cfg.data:
+        raise ValueError("give --source DIR (the source domain) and --target DIR (the target domain)")
+    if cfg.dataset:
+        return cfg
+    return dataclasses.replace(cfg, dataset=f"{domain_name(cfg.source)}-to-{domain_name(cfg.data)}")
+
+
+def add_domain_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="digits",
+                        help="digits (CPU, the MNIST demo's settings) or cat2dog (the paper's, GPUs)")
+    parser.add_argument("--target", dest="data", default=argparse.SUPPRESS,
+                        help="the target domain's shard directory (the data; same as --data)")
+
+
 def main(argv=None) -> int:
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--preset", choices=sorted(PRESETS), default="digits")
-    pre.add_argument("--target", help="the target domain's shard directory (the data)")
-    known, rest = pre.parse_known_args(argv)
-    if known.target:
-        rest += ["--data", known.target]
-    source = next((rest[i + 1] for i, a in enumerate(rest[:-1]) if a == "--source"), None)
-    data = next((rest[i + 1] for i, a in enumerate(rest[:-1]) if a == "--data"), None)
-    if not source or not data:
-        sys.exit("error: give --source DIR (the source domain) and --target DIR (the target domain)")
-    preset = PRESETS[known.preset]
-    if not preset.dataset:  # the run and the registered model are named after the two domains
-        preset = dataclasses.replace(preset, dataset=f"{domain_name(source)}-to-{domain_name(data)}")
-    return train_main(preset, __doc__ + "\n--preset {digits,cat2dog}, --target DIR (= --data DIR)", rest)
+    chooser = argparse.ArgumentParser(add_help=False)
+    chooser.add_argument("--preset", choices=sorted(PRESETS), default="digits")
+    preset = PRESETS[chooser.parse_known_args(argv)[0].preset]  # the preset sets every default
+    return train_main(preset, __doc__, argv, extend=add_domain_flags, finish=named_after_domains)
 
 
 if __name__ == "__main__":

@@ -30,10 +30,7 @@ import fdrl  # noqa: F401  (environment defaults before Ray and MLflow: fdrl/env
 import argparse
 import json
 import sys
-from pathlib import Path
 
-import numpy as np
-import torch
 
 
 def main(argv=None):
@@ -58,7 +55,7 @@ def main(argv=None):
                         "model, i.e. its own flow noise (DGflow's 0.01 is for latent space, eta 0.1)")
     p.add_argument("--n", type=int, default=None, help="refine the first N samples (default: all, 256 from a model)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", required=True, help="output folder (a local path or an s3:// or gs:// URI)")
     p.add_argument("--data", default=None,
                    help="DGflow on images: labelled real shards for domain FD/KID before and after "
                         "(default: the MNIST-5k shards for a generator trained on mnist)")
@@ -70,67 +67,35 @@ def main(argv=None):
     args = p.parse_args(argv)
     if (args.model is None) == (args.generator is None):
         p.error("give exactly one of --model (FDRL ratio) and --generator (DGflow)")
-    if args.generator:
-        from fdrl.distributed.refine_job import dgflow_main
-
-        return dgflow_main(args)
-    if args.input is None:
-        p.error("--model needs --input")
-    try:
-        args.steps = 25 if args.steps is None else int(args.steps)
-    except ValueError:
-        p.error(f"--steps auto is for DGflow (--generator); got --steps {args.steps}")
-
-    from fdrl.data.images import save_grid
-    from fdrl.core.refine import refine
-    from fdrl.distributed.sampling import load_samples
-    from fdrl.tracking.registry import load_fdrl_model
-    from fdrl.tracking.tracker import Tracker
+    from fdrl.workflows.refine import refine_generator, refine_with_ratio
 
     try:
-        model = load_fdrl_model(args.model, args.tracking_uri)
-        before = torch.from_numpy(load_samples(args.input, args.n, args.seed, args.tracking_uri)).float()
-        eta = args.eta if args.eta is not None else model.config.eta
-        gamma = args.gamma if args.gamma is not None else model.config.nu ** 2 / (2 * eta)
-        after, kl = refine(model.net, model.pairing, before, args.steps, eta, gamma, args.seed)
+        if args.generator:
+            summary = refine_generator(
+                args.generator, args.out, method=args.method, f=args.f, space=args.space,
+                steps=args.steps, eta=args.eta, gamma=args.gamma, n=args.n, seed=args.seed,
+                workers=args.workers, input=args.input, no_corrector=args.no_corrector,
+                tol=args.tol, max_steps=args.max_steps, data=args.data, classifier=args.classifier,
+                tracking_uri=args.tracking_uri, experiment=args.experiment)
+            print(json.dumps({k: summary[k] for k in ("before", "after", "steps", "n")}))
+            print(f"refined {summary['n']} samples ({summary['steps']} steps) -> {summary['samples']}, "
+                  f"base {summary['base']}")
+            return 0
+        if args.input is None:
+            p.error("--model needs --input")
+        if args.steps is not None and not args.steps.isdigit():
+            p.error(f"--steps auto is for DGflow (--generator); got --steps {args.steps}")
+        summary = refine_with_ratio(args.model, args.input, args.out,
+                                    steps=25 if args.steps is None else int(args.steps),
+                                    eta=args.eta, gamma=args.gamma, n=args.n, seed=args.seed,
+                                    tracking_uri=args.tracking_uri, experiment=args.experiment)
     except (FileNotFoundError, ValueError, LookupError) as err:
         sys.exit(f"error: {err}")
-
-    args.out.mkdir(parents=True, exist_ok=True)
-    np.save(args.out / "refined.npy", after.numpy())
-    cols = 8
-    pairs = min(len(before) // cols, 4) or 1
-    rows = [t for i in range(pairs) for t in (before[i * cols:(i + 1) * cols], after[i * cols:(i + 1) * cols])]
-    save_grid(torch.cat(rows), args.out / "before_after.png", nrow=cols)
-    curve = kl.tolist()
-    (args.out / "kl.json").write_text(json.dumps({"mean_log_r": curve, "eta": eta, "gamma": gamma}))
-    _plot(curve, args.out / "kl.png")
-    for step, value in enumerate(curve):
+    for step, value in enumerate(summary["mean_log_r"]):
         print(f"step {step:3d}  mean log r {value:+.4f}")
-
-    with Tracker(args.experiment, run_name=f"refine-{model.name}-v{model.version}",
-                 tracking_uri=args.tracking_uri,
-                 tags={"model_uri": args.model, "model_version": model.version, "input": args.input}) as t:
-        t.log_params({"steps": args.steps, "eta": eta, "gamma": gamma, "n": len(before)})
-        for step, value in enumerate(curve):
-            t.log_metrics({"kl_diagnostic": value}, step)
-        for name in ("before_after.png", "kl.png", "kl.json"):
-            t.log_artifact(args.out / name)
-    print(f"refined {len(before)} samples -> {args.out}/refined.npy, {args.out}/before_after.png")
-
-
-def _plot(curve, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.plot(range(len(curve)), curve, marker=".")
-    ax.set_xlabel("refinement step"), ax.set_ylabel("mean log r (KL diagnostic)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    print(f"refined {summary['n']} samples -> {summary['refined']}, {args.out}/before_after.png")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

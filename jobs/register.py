@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     p.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI or ./mlflow.db")
     args = p.parse_args(argv)
 
-    from fdrl.distributed.checkpoint import load_meta
+    from fdrl.data.checkpoint import load_meta
     from fdrl.tracking.registry import ModelNotFoundError, log_fdrl_model, promote
     from fdrl.tracking.tracker import Tracker, default_tracking_uri
 

@@ -15,7 +15,7 @@ source images) flows each given image K + kappa steps and writes OUT/samples.npy
 
 Writes OUT/samples.npy (N x C x H x W float32 in [-1, 1]) and OUT/grid.png (the first 64). The
 model is loaded with its sha256 check and without unpickling (fdrl.tracking.registry.load_fdrl_model).
-Chunk i of --batch samples is seeded from (--seed, i): the same seed and batch give the same
+Chunk i of --chunk samples is seeded from (--seed, i): the same seed and chunk size give the same
 samples for any --workers. Runs as `python jobs/sample.py` (local Ray) or under
 `ray job submit` (the cluster's workers; one GPU each when it has GPUs).
 """
@@ -26,9 +26,9 @@ import fdrl  # noqa: F401  (environment defaults before Ray and MLflow: fdrl/env
 import argparse
 import json
 import sys
-from pathlib import Path
 
-from fdrl.distributed.sampling import CHUNK, sample_to_dir
+from fdrl.core.chunks import CHUNK
+from fdrl.data import storage
 
 
 def main(argv=None) -> int:
@@ -43,7 +43,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=1, help="Ray actors (1 GPU or 1 CPU each)")
-    p.add_argument("--batch", type=int, default=CHUNK, help="chunk size; part of the seeding")
+    p.add_argument("--chunk", type=int, default=CHUNK,
+                   help="samples per chunk, the unit of seeding and of work per actor")
     p.add_argument("--flow-steps", type=int, help="K (default: the model's config)")
     p.add_argument("--extra-steps", type=int, help="kappa (default: the model's config)")
     p.add_argument("--eta", type=float, help="flow step size (default: the model's config)")
@@ -51,8 +52,8 @@ def main(argv=None) -> int:
     p.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI or ./mlflow.db")
     args = p.parse_args(argv)
 
-    from fdrl.distributed.composed import conditional_to_dir, translate_to_dir
     from fdrl.tracking.registry import ModelNotFoundError, TamperedArtifactError
+    from fdrl.workflows.sample import conditional_to_dir, sample_to_dir, translate_to_dir
 
     if (args.classifier is None) != (args.label is None):
         p.error("--classifier and --label go together")
@@ -64,28 +65,28 @@ def main(argv=None) -> int:
     try:
         if args.classifier:
             summary = conditional_to_dir(args.model, args.classifier, args.label, args.n, args.out,
-                                         args.phi, args.seed, args.workers, args.batch,
+                                         args.phi, args.seed, args.workers, args.chunk,
                                          args.tracking_uri, **flow_args)
         elif args.input:
             summary = translate_to_dir(args.model, args.input, args.out, args.seed, args.workers,
-                                       args.batch, args.tracking_uri, **flow_args)
+                                       args.chunk, args.tracking_uri, **flow_args)
         else:
             summary = sample_to_dir(args.model, args.n, args.out, args.seed, args.workers,
-                                    args.batch, args.tracking_uri, **flow_args)
+                                    args.chunk, args.tracking_uri, **flow_args)
     except (ModelNotFoundError, TamperedArtifactError, ValueError, FileNotFoundError) as err:
         sys.exit(f"error: {err}")
     if summary.get("kind"):
         print(f"\n{summary['kind']}: {summary['model']}, {summary['seconds']:.1f} s, "
               f"{summary['images_per_s']:.1f} images/s\nsamples: {summary['samples']}\n"
               f"grid:    {summary['grid']}")
-        Path(args.out, "summary.json").write_text(json.dumps(summary, indent=1))
+        storage.write_text(storage.join(args.out, "summary.json"), json.dumps(summary, indent=1))
         return 0
     flow = summary["flow"]
     print(f"\n{summary['n']} samples from {summary['model']} with K + kappa = "
           f"{flow['flow_steps']} + {flow['extra_steps']} flow steps on {summary['workers']} "
           f"workers: {summary['seconds']:.1f} s, {summary['images_per_s']:.1f} images/s")
     print(f"samples: {summary['samples']}\ngrid:    {summary['grid']}")
-    Path(args.out, "summary.json").write_text(json.dumps(summary, indent=1))
+    storage.write_text(storage.join(args.out, "summary.json"), json.dumps(summary, indent=1))
     return 0
 
 

@@ -20,18 +20,14 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-from dataclasses import asdict
-
-from fdrl.eval.classifier import (DEFAULT_EXPERIMENT, ClassifierConfig, PGDSettings,
-                                  load_labeled, register_classifier, save_classifier,
-                                  strided_subset, train_classifier)
+from fdrl.eval.classifier import ClassifierConfig
+from fdrl.tracking.classifiers import EXPERIMENT
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=None,
+    p.add_argument("--data", default=None,
                    help="shard directory with .cls labels (default: builds data/mnist5k)")
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--batch", type=int, default=64)
@@ -55,59 +51,19 @@ def parse_args(argv=None):
     p.add_argument("--channels", type=int, nargs="+", default=list(ClassifierConfig.channels),
                    help="conv widths, one conv + 2x2 max-pool stage each")
     p.add_argument("--feature-dim", type=int, default=ClassifierConfig.feature_dim)
-    p.add_argument("--experiment", default=DEFAULT_EXPERIMENT)
+    p.add_argument("--experiment", default=EXPERIMENT)
     p.add_argument("--no-register", action="store_true", help="train and save locally only")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.data is None:
-        from fdrl.data.writer import ensure_mnist_shards
-
-        args.data = ensure_mnist_shards(Path("data/mnist5k"))
-        args.dataset = args.dataset or "mnist"
-    args.dataset = args.dataset or Path(args.data).resolve().name
-    args.name = args.name or f"classifier-{args.dataset}"
-    try:
-        adversary = PGDSettings(args.pgd_eps, args.pgd_steps, args.pgd_step_size) if args.pgd_eps else None
-    except ValueError as err:
-        sys.exit(f"error: {err}")
-    from fdrl.data.manifest import manifest_hash
+    from fdrl.workflows.classifiers import train_and_register
 
     try:
-        images, labels, keys = load_labeled(args.data)
-        digest = manifest_hash(args.data)
+        summary = train_and_register(**vars(args))
     except (FileNotFoundError, ValueError) as err:
         sys.exit(f"error: {err}")
-    if args.limit:
-        idx = strided_subset(len(images), args.limit)
-        images, labels, keys = images[idx], labels[idx], [keys[i] for i in idx.tolist()]
-    print(f"{len(images)} labelled samples from {args.data} (manifest {digest[:12]}), "
-          f"{torch.get_num_threads()} threads")
-    config = ClassifierConfig(in_shape=tuple(images.shape[1:]),
-                              num_classes=max(10, int(labels.max()) + 1),
-                              channels=tuple(args.channels), feature_dim=args.feature_dim)
-    result = train_classifier(images, labels, keys, epochs=args.epochs, batch_size=args.batch,
-                              lr=args.lr, seed=args.seed, config=config, adversary=adversary)
-    info = {"data": str(Path(args.data).resolve()), "manifest_hash": digest,
-            "dataset": args.dataset, "pgd": asdict(adversary) if adversary else None}
-    save_classifier(result.model, args.out,
-                    {"heldout_accuracy": result.heldout_accuracy, "n_train": result.n_train,
-                     "n_heldout": result.n_heldout, **info})
-    summary = {"heldout_accuracy": result.heldout_accuracy,
-               "train_accuracy": result.train_accuracy, "seconds": round(result.seconds, 1),
-               "n_train": result.n_train, "n_heldout": result.n_heldout, "local": str(args.out)}
-    if not args.no_register:
-        params = {"epochs": args.epochs, "batch": args.batch, "lr": args.lr, "seed": args.seed,
-                  "limit": args.limit, "pgd_eps": args.pgd_eps, "pgd_steps": args.pgd_steps,
-                  "pgd_step_size": adversary.alpha if adversary else 0.0, "split": "crc32(key) % 100 < 10 held out",
-                  "architecture": vars(result.model.config)}
-        reg = register_classifier(result, tracking_uri=args.tracking_uri, name=args.name,
-                                  experiment=args.experiment, params=params, info=info)
-        summary.update(run_id=reg.run_id, model_uri=reg.model_uri, source=reg.source,
-                       alias=f"models:/{reg.name}@candidate")
-    (Path(args.out) / "result.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))
     return 0
 

@@ -7,8 +7,8 @@
 
 2D defaults follow DGflow's appendix: fully connected ReLU nets (3 x 512), gradient penalty 10,
 10k generator iterations, batch 256, Adam 1e-4 (0.5, 0.9), 5 critic updates per generator update
-(about 40 minutes on one core). Checkpoints every --checkpoint-every generator steps; --resume
-continues --run-name (or the latest run of the model) from its last one. Registered as
+(over an hour on one core here). Checkpoints every --checkpoint-every generator steps; --resume
+continues --run-name (or the latest run of the model and seed) from its last one. Registered as
 gan-<dataset> (or vae-<dataset>) with the generator and its discriminator in one model version.
 """
 
@@ -19,8 +19,15 @@ import json
 import sys
 
 
+def parse_betas(text: str) -> tuple[float, float]:
+    b1, b2 = (float(v) for v in text.split(","))
+    return (b1, b2)
+
+
 def main(argv=None):
-    from fdrl.distributed.gan_worker import DATASETS, GenConfig, parse_betas, train_generator
+    from fdrl.distributed.gan_worker import DATASETS, GenConfig
+    from fdrl.distributed.trainer import RunFailed
+    from fdrl.workflows.generators import train_generator
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", choices=DATASETS, required=True)
@@ -41,7 +48,9 @@ def main(argv=None):
     p.add_argument("--register-name", default="")
     p.add_argument("--experiment", default="fdrl-generators")
     p.add_argument("--tracking-uri", default="")
-    p.add_argument("--storage", default="runs/generators")
+    p.add_argument("--max-failures", type=int, default=2,
+                   help="restarts from the last checkpoint after a lost worker")
+    p.add_argument("--storage", default="", help="checkpoints (default: $FDRL_HOME/runs/generators)")
     p.add_argument("--checkpoint-every", type=int, default=1000, help="generator steps between checkpoints")
     p.add_argument("--keep-checkpoints", type=int, default=2)
     p.add_argument("--run-name", default="", help="the run's folder under --storage")
@@ -59,13 +68,13 @@ def main(argv=None):
         loss="hinge" if mnist else "wgan-gp", gp_weight=args.gp_weight, width=args.width,
         latent_dim=args.latent_dim or (16 if vae else 64 if mnist else 2), threads=args.threads,
         log_every=args.log_every, experiment=args.experiment, tracking_uri=args.tracking_uri,
-        register_name=args.register_name, storage=args.storage, checkpoint_every=args.checkpoint_every,
-        keep_checkpoints=args.keep_checkpoints, run_name=args.run_name, resume=args.resume)
-    try:
-        cfg.validate()
-    except ValueError as err:
+        register_name=args.register_name, storage=args.storage, max_failures=args.max_failures,
+        checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
+        run_name=args.run_name, resume=args.resume)
+    try:  # the config is validated before any worker starts
+        out = train_generator(cfg)
+    except (ValueError, FileExistsError, FileNotFoundError, RunFailed) as err:
         sys.exit(f"error: {err}")
-    out = train_generator(cfg)
     print(json.dumps({k: v for k, v in out.items() if k != "config"}))
     return 0
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 
 from fdrl.config import add_config_args, config_from_args
-from fdrl.distributed.tune import DEFAULT_SPACE, METRICS, run_sweep
+from fdrl.workflows.sweep import DEFAULT_SPACE, METRICS, run_sweep
 
 from fdrl.presets import MNIST, mnist_data
 
@@ -76,15 +76,17 @@ def main(argv=None):
     spec = yaml.safe_load(args.space.read_text()) if args.space else dict(DEFAULT_SPACE)
     spec.update(_parse_search(args.search))
     try:
-        rows = run_sweep(base, spec, num_samples=args.num_samples, metric=args.metric,
-                         max_concurrent=args.max_concurrent, grace_period=args.grace_period,
-                         extra_trials=[_parse_kv(t) for t in args.extra_trial], name=args.name,
-                         resume=base.resume, register_name=base.register_name)
+        result = run_sweep(base, spec, num_samples=args.num_samples, metric=args.metric,
+                           max_concurrent=args.max_concurrent, grace_period=args.grace_period,
+                           extra_trials=[_parse_kv(t) for t in args.extra_trial], name=args.name,
+                           resume=base.resume, register_name=base.register_name)
     except (FileNotFoundError, ValueError) as err:
         sys.exit(f"error: {err}")
-    out = Path(base.storage).resolve() / args.name
+    out = result.folder
     print((out / "results.md").read_text())
-    print(f"results: {out}/results.csv, {out}/results.png; {sum(r.status == 'failed' for r in rows)} failed")
+    failed = sum(r.status == "failed" for r in result.rows)
+    print(f"results: {out}/results.csv, {out}/results.png; {failed} failed; best: "
+          f"{result.model_uri or 'none registered'}")
 
 
 if __name__ == "__main__":

@@ -2,13 +2,37 @@ import pytest
 
 import fdrl  # noqa: F401  (sets the environment defaults before Ray or MLflow start: fdrl/env.py)
 
+# Tests that start Ray, a server or a job process are "integration" tests: the fast lane
+# (./dev test -m "not integration") leaves them out. A test is one if it uses one of these
+# fixtures, or if its module says so (pytestmark) because it starts them itself.
+INTEGRATION_FIXTURES = {"ray_cluster", "s3_server", "mlflow_server", "fresh_mlflow_server",
+                        "train", "hooks"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark integration tests; leave slow tests out unless the -m expression names them."""
+    wants_slow = "slow" in (config.option.markexpr or "") and "not slow" not in config.option.markexpr
+    keep, dropped = [], []
+    for item in items:
+        if INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+        if item.get_closest_marker("slow") and not wants_slow:
+            dropped.append(item)
+        else:
+            keep.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
+
 
 @pytest.fixture(scope="module")
 def ray_cluster():
     """A local Ray for one test module; each module starts and shuts down its own."""
     import ray
 
-    ray.init(num_cpus=2)  # with the dashboard: Train's placement-group cleaner needs its State API
+    # address="local": a new Ray of this module's own. With no address, ray.init() joins any Ray
+    # found running on the machine (another session's), and fails when given num_cpus.
+    ray.init(address="local", num_cpus=2)  # with the dashboard: Train's PG cleaner needs its State API
     yield
     ray.shutdown()
 
@@ -38,7 +62,7 @@ def register_random_model():
     from fdrl.core.networks import build_network
     from fdrl.core.priors import Moments, fit_full
     from fdrl.core.step import make_state
-    from fdrl.distributed.checkpoint import save_checkpoint
+    from fdrl.data.checkpoint import save_checkpoint
     from fdrl.tracking.registry import log_fdrl_model
     from fdrl.tracking.tracker import Tracker
 
@@ -103,3 +127,128 @@ def register_toy_generators():
         return dict(root=root, uri=uri, run_id=run_id)
 
     return register
+
+
+@pytest.fixture(scope="session")
+def fake_inputs():
+    """tests/fake_inputs.py: builders of user inputs in their real on-disk formats (image folders,
+    CIFAR-10 pickles, CelebA zip/folder, LSUN lmdb, cat2dog domains, torch-fidelity weights)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    name = "fdrl_test_fake_inputs"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("fake_inputs.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+@pytest.fixture(scope="session")
+def hooks():
+    """tests/train_hooks.py: test-only wrappers of the production training loop, registered to
+    be pickled by value so Ray workers (which cannot import test modules) receive them whole."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    import cloudpickle
+
+    name = "fdrl_test_train_hooks"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("train_hooks.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        cloudpickle.register_pickle_by_value(module)
+    return sys.modules[name]
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """``tiny(data, root, **overrides)``: a 4-step, 2-worker MNIST training config, its runs and
+    its sqlite MLflow store under ``root``, checkpoints every 2 steps."""
+    from fdrl.config import TrainConfig
+
+    def config(data, root, **overrides) -> TrainConfig:
+        cfg = dict(data=str(data), dataset="mnist", arch="mnist32", prior="full", steps=4, batch=8,
+                   workers=2, lr=1e-3, decay_steps=[3], flow_steps=2, extra_steps=1, log_every=1,
+                   checkpoint_every=2, sample_every=2, grid_size=4, max_failures=1,
+                   storage=str(root / "runs"), tracking_uri=f"sqlite:///{root}/mlflow.db")
+        return TrainConfig(**{**cfg, **overrides})
+
+    return config
+
+
+@pytest.fixture(scope="session")
+def train():
+    """``train(cfg, **kw)``: resolve, check and run a training config as a job does."""
+    from fdrl.workflows.train import check_run, resolve, run_training
+
+    def run(cfg, **kwargs):
+        return run_training(check_run(resolve(cfg)), **kwargs)
+
+    return run
+
+
+# --- Object storage and an MLflow server with auth (tests/servers.py) -------------------------
+
+def _servers():
+    """tests/servers.py as a module. Loaded by path: with --import-mode=importlib, and another
+    installed package named `tests` (torch-fidelity's), `import tests.servers` is unreliable."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    if "fdrl_test_servers" not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            "fdrl_test_servers", Path(__file__).with_name("servers.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    return sys.modules["fdrl_test_servers"]
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A local S3 (moto) with IAM auth on, for the session. Exports AWS_ACCESS_KEY_ID,
+    AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION, AWS_ENDPOINT_URL_S3 (restored afterwards).
+    Attributes: .endpoint, .access_key, .secret_key, .env(); .bucket(name=None) -> "s3://name"
+    creates a bucket; .list_uploads(bucket) lists unfinished multipart uploads."""
+    server = _servers().S3Server(tmp_path_factory.mktemp("s3-server")).start()
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            for key, value in server.env().items():
+                mp.setenv(key, value)
+            yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(s3_server, tmp_path_factory):
+    """An MLflow tracking server with basic auth (sqlite in a temp folder, artifacts proxied to a
+    fresh bucket on ``s3_server``). Attributes: .uri, .admin_user, .admin_password, .artifacts
+    (the bucket URI), .create_user(name, password), .credentials(user=None, password=None) (a
+    context manager setting MLFLOW_TRACKING_USERNAME/PASSWORD; the admin by default),
+    .stop(kill=True) and .start() (same port and databases)."""
+    server = _servers().MlflowServer(tmp_path_factory.mktemp("mlflow-server"),
+                                     s3_server.bucket("mlflow-artifacts"), s3_server.env())
+    try:
+        yield server.start()
+    finally:
+        server.stop(kill=True)  # its files are temporary: nothing to shut down cleanly for
+
+
+@pytest.fixture(scope="module")
+def fresh_mlflow_server(s3_server, tmp_path_factory):
+    """An MLflow server like ``mlflow_server``, new for one module: no users, experiments or
+    models that other modules made (a user's permissions then start as on a new server)."""
+    server = _servers().MlflowServer(tmp_path_factory.mktemp("mlflow-fresh"), s3_server.bucket(),
+                                     s3_server.env())
+    try:
+        yield server.start()
+    finally:
+        server.stop(kill=True)

@@ -15,8 +15,9 @@ from fdrl.config import TrainConfig
 from fdrl.core.flow import FlowSettings
 from fdrl.core.guidance import class_potential
 from fdrl.core.sampler import sample
-from fdrl.distributed.composed import conditional_to_dir, translate_to_dir
-from fdrl.eval.classifier import ClassifierConfig, MnistClassifier, TrainResult, register_classifier
+from fdrl.eval.classifier import ClassifierConfig, MnistClassifier, TrainResult
+from fdrl.tracking.classifiers import register_classifier
+from fdrl.workflows.sample import conditional_to_dir, translate_to_dir
 from fdrl.tracking.registry import load_fdrl_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,7 +28,7 @@ def _register_classifier(uri, name, in_shape, seed):
     torch.manual_seed(seed)
     model = MnistClassifier(ClassifierConfig(in_shape=in_shape, channels=(4, 8), feature_dim=16)).eval()
     result = TrainResult(model, 0.0, 0.0, 0.0, 0, 0)
-    register_classifier(result, tracking_uri=uri, name=name)
+    register_classifier(result, name, tracking_uri=uri)
 
 
 @pytest.fixture(scope="module")
@@ -57,11 +58,11 @@ def _in_process(model, n, seed, chunk, **kw):
 def test_conditional_rows_reproducible_logged_and_equal_to_the_sampler(ray_cluster, registry, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from fdrl.eval.classifier import load_classifier
+    from fdrl.tracking.classifiers import load_registered_classifier
 
     uri = registry
     run = lambda seed, out, label="all": conditional_to_dir(
-        MODEL, CLF, label, 5, tmp_path / out, phi=5.0, seed=seed, workers=2, batch=4,
+        MODEL, CLF, label, 5, tmp_path / out, phi=5.0, seed=seed, workers=2, chunk=4,
         tracking_uri=uri, progress=False)
     summary = run(3, "a")
     rows = np.load(tmp_path / "a" / "samples.npy")
@@ -71,7 +72,7 @@ def test_conditional_rows_reproducible_logged_and_equal_to_the_sampler(ray_clust
     assert not np.array_equal(rows, np.load(run(4, "c")["samples"]))
     # Row 7 is the in-process sampler with the eq. 31 potential for class 7.
     model = load_fdrl_model(MODEL, uri)
-    clf = load_classifier(CLF, uri).requires_grad_(False)
+    clf = load_registered_classifier(CLF, uri).requires_grad_(False)
     np.testing.assert_array_equal(rows[7], _in_process(model, 5, 3, 4,
                                                        extra_potential=class_potential(clf, 7, 5.0)))
     unguided = _in_process(model, 5, 3, 4)
@@ -92,7 +93,7 @@ def test_translation_keeps_input_order_and_is_reproducible(ray_cluster, registry
     source = np.random.default_rng(0).uniform(-1, 1, (9, 1, 32, 32)).astype(np.float32)
     np.save(tmp_path / "source.npy", source)
     run = lambda seed, out, workers=2: translate_to_dir(
-        MODEL, tmp_path / "source.npy", tmp_path / out, seed=seed, workers=workers, batch=4,
+        MODEL, tmp_path / "source.npy", tmp_path / out, seed=seed, workers=workers, chunk=4,
         tracking_uri=uri, progress=False, log=False)
     run(0, "a")
     translated = np.load(tmp_path / "a" / "samples.npy")

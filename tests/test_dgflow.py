@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from fdrl.core.dgflow import (Logit, RefineSettings, auto_steps, lipschitz_estimate,
+from fdrl.core.dgflow import (Logit, RefineSettings, auto_steps, lipschitz_estimate, refine_chunk,
                               paper_settings, refine)
 
 
@@ -83,14 +83,14 @@ def stationary_run(sign):
 
 def test_dgflow_kl_reaches_target_moments_with_noise():
     out = stationary_run(+1.0)
-    assert not close_to(out.base, TARGET_MEAN, TARGET_COV)  # the base is far off
-    assert close_to(out.refined, TARGET_MEAN, TARGET_COV), moments(out.refined)
+    assert not close_to(out.stages[0], TARGET_MEAN, TARGET_COV)  # the base is far off
+    assert close_to(out.x, TARGET_MEAN, TARGET_COV), moments(out.x)
     assert out.log_r[-1] < out.log_r[0] - 1.0  # the log-ratio estimate falls as samples improve
 
 
 def test_flipped_drift_fails_the_same_check():
     out = stationary_run(-1.0)
-    assert not close_to(out.refined, TARGET_MEAN, TARGET_COV)
+    assert not close_to(out.x, TARGET_MEAN, TARGET_COV)
 
 
 @pytest.mark.parametrize("sign, lands", [(+1.0, True), (-1.0, False)])
@@ -102,7 +102,7 @@ def test_finite_time_mean_shift(sign, lands):
     out = refine(settings, logit, 2000, seed=1, generator=ShiftGenerator(base_mean, cov),
                  latent_dim=2, data_shape=(2,), chunk=2000)
     # gamma adds 2 * gamma * T = 0.02 to the variance
-    assert close_to(out.refined, TARGET_MEAN, cov, 0.06, 0.06) is lands
+    assert close_to(out.x, TARGET_MEAN, cov, 0.06, 0.06) is lands
 
 
 def test_latent_space_matches_data_space_for_a_shift_generator():
@@ -113,8 +113,8 @@ def test_latent_space_matches_data_space_for_a_shift_generator():
     kw = dict(generator=gen, latent_dim=2, data_shape=(2,))
     data = refine(RefineSettings(space="data", steps=20, eta=0.05, gamma=0.01), logit, 100, 3, **kw)
     latent = refine(RefineSettings(space="latent", steps=20, eta=0.05, gamma=0.01), logit, 100, 3, **kw)
-    torch.testing.assert_close(data.refined, latent.refined, atol=1e-5, rtol=0)
-    torch.testing.assert_close(data.base, latent.base)
+    torch.testing.assert_close(data.x, latent.x, atol=1e-5, rtol=0)
+    torch.testing.assert_close(data.stages[0], latent.stages[0])
 
 
 @pytest.mark.parametrize("method, f, space", [("dgflow", "kl", "latent"), ("dgflow", "js", "data"),
@@ -127,13 +127,13 @@ def test_same_seed_same_arrays_for_any_batching(method, f, space):
     s = paper_settings(method, f, space=space, steps=10)
     a = refine(s, logit, 150, seed=7, **kw)
     b = refine(s, logit, 150, seed=7, **kw)
-    assert torch.equal(a.refined, b.refined) and torch.equal(a.base, b.base)
-    # a worker's share (chunks 1, 2) equals the same rows of the whole run
-    part = refine(s, logit, 150, seed=7, indices=[1, 2], **kw)
-    assert torch.equal(part.refined, a.refined[64:150])
+    assert torch.equal(a.x, b.x) and torch.equal(a.stages[0], b.stages[0])
+    # chunks refined alone (as Ray actors refine them) equal the same rows of the whole run
+    alone = [refine_chunk(s, logit, 7, index, size, **kw) for index, size in ((1, 64), (2, 22))]
+    assert torch.equal(torch.cat([p.x for p in alone]), a.x[64:150])
     other = refine(s, logit, 150, seed=8, **kw)
-    assert not torch.equal(a.base, other.base)
-    assert not torch.equal(a.refined, a.base)
+    assert not torch.equal(a.stages[0], other.stages[0])
+    assert not torch.equal(a.x, a.stages[0])
 
 
 def test_velocities_of_each_f():
@@ -147,7 +147,7 @@ def test_velocities_of_each_f():
     for f, s in (("kl", torch.ones_like(d)), ("js", torch.sigmoid(d)), ("logd", torch.sigmoid(-d))):
         out = refine(RefineSettings(f=f, space="data", steps=1, eta=0.1, gamma=0.0), logit, start=x)
         expected = x + 0.1 * s[:, None] * lin.weight.detach()
-        torch.testing.assert_close(out.refined, expected)
+        torch.testing.assert_close(out.x, expected)
 
 
 def test_dot_moves_toward_higher_critic_but_stays_close():
@@ -158,7 +158,7 @@ def test_dot_moves_toward_higher_critic_but_stays_close():
     k = lipschitz_estimate(Logit(lin), torch.randn(256, 2))
     assert abs(k - 1.0) < 0.05
     out = refine(paper_settings("dot"), Logit(lin), start=x, k_eff=k)
-    moved = out.refined - x
+    moved = out.x - x
     assert (moved[:, 0] > 0).all() and moved.norm(dim=1).max() < 1.5
 
 

@@ -11,10 +11,10 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from fdrl.config import TrainConfig
-from fdrl.eval.metrics import shard_batches
+from fdrl.data.stream import shard_batches
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.integration]
 
 
 @pytest.fixture(scope="module")
@@ -109,11 +109,13 @@ def test_domain_kid_ranks_real_images_above_noise(setup, labelled_mnist):
     from fdrl.core.flow import FlowSettings
     from fdrl.data.manifest import open_shard_set
     from fdrl.eval.evaluation import DomainKID
-    from fdrl.eval.metrics import shard_batches
+    from fdrl.data.stream import shard_batches
 
     _, _, clf = setup
     shards = labelled_mnist["shards"]
-    kid = DomainKID(clf, open_shard_set(shards), n=64, seed=0, device="cpu")
+    from fdrl.eval.classifier import load_classifier
+
+    kid = DomainKID(load_classifier(clf), open_shard_set(shards), n=64, seed=0, device="cpu")
     images = torch.cat(list(shard_batches(shards)))
     # The evaluator's real set is the seed-0 stream's first 64 images; compare other real ones.
     held_out = images[-64:]

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fdrl.eval import inception
-from fdrl.eval.fid import FeatureStats, feature_stats, fid, fid_kid, reference_key, reference_stats
+from fdrl.eval.fid import FeatureStats, feature_stats, fid, fid_kid, reference_key
 from fdrl.eval.inception import (PINNED_SHA256, InceptionFeatures, load_inception,
                                  packaged_weights_path, resize_tf1, torch_fidelity_names)
 
@@ -169,24 +169,10 @@ def _folder_shards(tmp_path, n):
     return tmp_path / "shards"
 
 
-def test_reference_stats_cached_by_manifest_and_weights(tmp_path):
-    shards = _folder_shards(tmp_path, 12)
-    calls = []
-
-    class Counting:  # stands in for the 299^2 network: the cache logic is what is tested here
-        weights_sha256 = "ab" * 32
-
-        def __call__(self, batch):
-            calls.append(len(batch))
-            return batch.flatten(1).float()
-
-    first, path, cached = reference_stats(shards, Counting(), cache_dir=tmp_path / "cache")
-    assert not cached and first.count == 12 and sum(calls) == 12
-    again, path2, cached = reference_stats(shards, Counting(), cache_dir=tmp_path / "cache")
-    assert cached and path2 == path and sum(calls) == 12 and torch.equal(again.kept, first.kept)
-    limited, path3, cached = reference_stats(shards, Counting(), cache_dir=tmp_path / "cache", limit=5)
-    assert not cached and limited.count == 5 and path3 != path
-    assert reference_key("m" * 64, "w" * 64) != reference_key("m" * 64, "v" * 64)
+def test_reference_key_names_data_weights_and_size():
+    key = reference_key("m" * 64, "w" * 64)
+    assert key != reference_key("m" * 64, "v" * 64) != reference_key("n" * 64, "w" * 64)
+    assert reference_key("m" * 64, "w" * 64, 5).endswith("-n5") and key.endswith("-all")
 
 
 # ------------------------------------------------------------------------------ properties (slow)

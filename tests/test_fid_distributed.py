@@ -1,5 +1,7 @@
-"""Standard FID on Ray (fdrl.distributed.fid): distributed features equal one local pass whatever
-the worker count; the reference statistics come back from the local cache and from MLflow."""
+"""Standard FID on Ray (fdrl.workflows.standard_fid): distributed features equal one local pass
+whatever the worker count; the reference statistics come back from the local cache and from MLflow."""
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,10 +12,12 @@ from fdrl.core.flow import FlowSettings
 from fdrl.core.networks import build_network
 from fdrl.core.priors import make_simple_prior
 from fdrl.core.sampler import sample
-from fdrl.distributed.fid import ensure_reference, sample_stats_distributed, shard_stats_distributed
-from fdrl.eval.fid import FeatureStats, feature_stats
+from fdrl.data.manifest import open_shard_set
+from fdrl.data.stream import shard_batches
+from fdrl.distributed.fanout import ActorPool
+from fdrl.eval.fid import FeatureStats, FeatureWorker, ITEM_IMAGES, feature_stats, shard_items
 from fdrl.eval.inception import InceptionFeatures
-from fdrl.eval.metrics import shard_batches
+from fdrl.workflows.standard_fid import ensure_reference, sample_stats, shard_stats
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +51,10 @@ def _same(a: FeatureStats, b: FeatureStats):
 @pytest.mark.timeout(900)
 def test_distributed_features_equal_local_for_any_worker_count(ray_cluster, shards, local):
     _, expected = local
-    one = shard_stats_distributed(shards, limit=4, workers=1, progress=False)
-    two = shard_stats_distributed(shards, limit=4, workers=2, progress=False)
+    with ActorPool(1, FeatureWorker) as pool:
+        one = shard_stats(pool, open_shard_set(shards), limit=4, progress=False)
+    with ActorPool(2, FeatureWorker) as pool:
+        two = shard_stats(pool, open_shard_set(shards), limit=4, progress=False)
     _same(one, expected)
     _same(two, expected)
 
@@ -62,7 +68,7 @@ def test_reference_cached_locally_and_in_mlflow(ray_cluster, shards, tmp_path):
     again, source = ensure_reference(shards, limit=3, cache_dir=tmp_path / "a", tracking_uri=uri)
     assert source == "local" and again == path
     fetched, source = ensure_reference(shards, limit=3, cache_dir=tmp_path / "b", tracking_uri=uri)
-    assert source == "mlflow" and fetched.parent == tmp_path / "b"
+    assert source == "mlflow" and Path(fetched).parent == tmp_path / "b"
     assert torch.equal(FeatureStats.load(fetched).moments.outer, FeatureStats.load(path).moments.outer)
 
 
@@ -73,22 +79,22 @@ def test_sample_features_follow_the_core_sampler(ray_cluster, local):
     net = build_network("mnist32").eval()
     prior = make_simple_prior("gaussian", (1, 32, 32), clamp=1.0)
     flow = FlowSettings(flow_steps=1, extra_steps=1, eta=0.5, nu=0.01)
-    got = sample_stats_distributed(net, prior, "lsif-chi2", flow, "mnist32", 3, seed=5,
-                                   workers=2, progress=False)
+    with ActorPool(2, FeatureWorker, None, (net, prior, get_pairing("lsif-chi2"), flow)) as pool:
+        got = sample_stats(pool, 3, seed=5, progress=False)
     x = sample(net, get_pairing("lsif-chi2"), flow, 3, 5, prior=prior).x.clamp(-1, 1)
     _same(got, FeatureStats.empty().update(extractor(x)))
 
 
 def test_shard_items_cover_the_range_in_pieces(tmp_path):
     from fdrl.data.writer import convert
-    from fdrl.distributed import fid as dfid
 
     convert("mnist", None, tmp_path / "m", shard_size=300, limit=700, progress=False)
-    items, sizes = dfid._shard_items(tmp_path / "m", limit=500, start=100)
-    assert sum(sizes) == 500 and all(s <= dfid.ITEM_IMAGES for s in sizes)
+    shard_set = open_shard_set(tmp_path / "m")
+    items, sizes = shard_items(shard_set, limit=500, start=100)
+    assert sum(sizes) == 500 and all(s <= ITEM_IMAGES for s in sizes)
     # (shard, skip, take) pieces tile images 100 .. 600 of the manifest order exactly once
     counts = {"mnist-000000.tar": 0, "mnist-000001.tar": 300, "mnist-000002.tar": 600}
     covered = [counts[name] + skip + i for _, name, skip, take in items for i in range(take)]
     assert covered == list(range(100, 600))
     with pytest.raises(ValueError, match="none from index 700"):
-        dfid._shard_items(tmp_path / "m", limit=5, start=700)
+        shard_items(shard_set, limit=5, start=700)

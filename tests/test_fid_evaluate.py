@@ -15,6 +15,8 @@ from PIL import Image
 from fdrl.config import TrainConfig
 from fdrl.data.writer import convert
 
+pytestmark = pytest.mark.integration  # starts Ray, a server or a job process
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

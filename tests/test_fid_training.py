@@ -24,9 +24,8 @@ def _history(cfg: TrainConfig, run_id: str, key: str) -> list:
     return MlflowClient(cfg.tracking_uri).get_metric_history(run_id, key)
 
 
-def test_demo_preset_run_logs_fid(ray_cluster, workdir):
+def test_demo_preset_run_logs_fid(ray_cluster, workdir, train):
     from fdrl.data.writer import convert
-    from fdrl.distributed.launch import run_training
 
     shards = workdir / "mnist"
     convert("mnist", None, shards, shard_size=64, limit=128, progress=False)
@@ -35,7 +34,7 @@ def test_demo_preset_run_logs_fid(ray_cluster, workdir):
         MNIST, data=str(shards), steps=2, batch=8, flow_steps=1, extra_steps=1, log_every=1,
         checkpoint_every=2, sample_every=2, grid_size=4, fid_samples=8, register=False,
         storage=str(workdir / "runs"), tracking_uri=f"sqlite:///{workdir}/mlflow.db")
-    result = run_training(cfg)
+    result = train(cfg)
     run_id = result.mlflow_run_id
     fid = _history(cfg, run_id, "fid")
     assert [m.step for m in fid] == [2]  # only at the end by default
@@ -46,11 +45,10 @@ def test_demo_preset_run_logs_fid(ray_cluster, workdir):
     assert run.data.params["fid_samples"] == "8"
 
 
-def test_unlabelled_folder_run_logs_fid_every_report(ray_cluster, workdir):
+def test_unlabelled_folder_run_logs_fid_every_report(ray_cluster, workdir, train):
     from PIL import Image
 
     from fdrl.data.writer import convert
-    from fdrl.distributed.launch import run_training
 
     folder = workdir / "my_images"
     folder.mkdir()
@@ -68,7 +66,7 @@ def test_unlabelled_folder_run_logs_fid_every_report(ray_cluster, workdir):
                       log_every=1, checkpoint_every=2, sample_every=2, grid_size=4,
                       fid=True, fid_every=1, fid_samples=6, register=False,
                       storage=str(workdir / "runs"), tracking_uri=f"sqlite:///{workdir}/mlflow.db")
-    result = run_training(cfg)
+    result = train(cfg)
     fid = _history(cfg, result.mlflow_run_id, "fid")
     assert sorted(m.step for m in fid) == [1, 2]
     assert all(math.isfinite(m.value) and m.value > 0 for m in fid)

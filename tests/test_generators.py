@@ -159,4 +159,4 @@ def test_pyfunc_flavour_draws_base_samples(store):
     model = load_generator("models:/gan-pyfunc@candidate", store["uri"])
     out = refine(paper_settings("dgflow", steps=1), model.logit(), 70, 3, generator=model.generator,
                  latent_dim=2, data_shape=(2,))
-    np.testing.assert_array_equal(x, out.base.numpy())  # the same base samples refinement starts from
+    np.testing.assert_array_equal(x, out.stages[0].numpy())  # the same base samples refinement starts from

@@ -1,5 +1,5 @@
-"""fdrl.metrics (Fréchet distance, KID, precision/recall, streamed statistics, the FID weights
-checks) and fdrl.classifier (training, MLflow registration, safetensors round trip)."""
+"""fdrl.eval.metrics (Fréchet distance, KID, precision/recall, streamed statistics), the FID
+weights check, and the digit classifier (training, MLflow registration, safetensors round trip)."""
 
 import os
 
@@ -8,11 +8,10 @@ import pytest
 import torch
 from scipy import linalg
 
-from fdrl.eval import metrics
-from fdrl.eval.metrics import (FID_WEIGHTS_ENV, FID_WEIGHTS_NAME, INCEPTION_KEYS, StreamedImages,
-                          check_inception_weights, domain_features, feature_moments,
-                          frechet_distance, frechet_distance_from_moments, gaussian_stats, kid,
-                          precision_recall, resolve_fid_weights, standard_metrics)
+from fdrl.data.stream import shard_batches
+from fdrl.eval.inception import INCEPTION_KEYS, check_inception_weights
+from fdrl.eval.metrics import (domain_features, feature_metrics, feature_moments, frechet_distance,
+                               frechet_distance_from_moments, gaussian_stats, kid, precision_recall)
 from fdrl.core.priors import Moments
 
 
@@ -179,74 +178,26 @@ def test_domain_features_streams_and_truncates():
     torch.testing.assert_close(feats, expected)
     np.testing.assert_allclose(gaussian_stats(moments)[1],
                                np.cov(expected.double().numpy(), rowvar=False), rtol=1e-5, atol=1e-7)
-    out = metrics.feature_metrics(fn, [x[:50]], [x[50:]], kid_subset_size=40, kid_subsets=5)
+    out = feature_metrics(fn, [x[:50]], [x[50:]], kid_subset_size=40, kid_subsets=5)
     assert set(out) >= {"fd", "kid_mean", "kid_std", "precision", "recall"}
     assert out["n_samples"] == 50
     fa, fb = (fn(b).detach().double().numpy() for b in (x[:50], x[50:]))
-    want = metrics.frechet_distance(fa.mean(0), np.cov(fa, rowvar=False), fb.mean(0), np.cov(fb, rowvar=False))
+    want = frechet_distance(fa.mean(0), np.cov(fa, rowvar=False), fb.mean(0), np.cov(fb, rowvar=False))
     assert out["fd"] == pytest.approx(want, rel=1e-6)
 
 
-# ------------------------------------------------------------------ streamed Dataset for FID
-
-
-def test_streamed_images_reads_batches_once_in_order():
-    pulled = []
-
-    def batches():
-        for i in range(3):
-            pulled.append(i)
-            yield torch.full((4, 1, 2, 2), -1.0 + i)  # grey, values -1, 0, 1
-
-    ds = StreamedImages(batches(), 12)
-    assert pulled == []  # lazy: nothing read before the first item
-    first = ds[0]
-    assert first.dtype == torch.uint8 and first.shape == (3, 2, 2) and int(first.max()) == 0
-    assert [int(ds[i][0, 0, 0]) for i in range(12)] == [0] * 4 + [128] * 4 + [255] * 4
-    assert pulled == [0, 1, 2] and len(ds) == 12
-    with pytest.raises(RuntimeError, match="in order"):
-        ds[0]
-    with pytest.raises(IndexError):
-        ds[12]
-    short = StreamedImages(iter([torch.zeros(2, 3, 2, 2, dtype=torch.uint8)]), 5)
-    short[1]
-    with pytest.raises(ValueError, match="ended after 2 samples, but 5"):
-        short[2]
-
-
-# --------------------------------------------------------------- standard FID weights checks
+# --------------------------------------------------------------- FID weights check
 
 
 def _fake_inception_state(shapes=INCEPTION_KEYS):
     return {k: torch.zeros(s) for k, s in shapes.items()}
 
 
-def test_missing_fid_weights_names_the_file(tmp_path, monkeypatch):
-    monkeypatch.delenv(FID_WEIGHTS_ENV, raising=False)
-    missing = tmp_path / "nowhere" / FID_WEIGHTS_NAME
-    with pytest.raises(FileNotFoundError) as info:
-        resolve_fid_weights(missing)
-    msg = str(info.value)
-    assert FID_WEIGHTS_NAME in msg and str(missing) in msg
-    assert "--fid-weights" in msg and FID_WEIGHTS_ENV in msg and "github.com" in msg
-    # Through the env var, and before torch-fidelity is imported (here it cannot be).
-    monkeypatch.setenv(FID_WEIGHTS_ENV, str(missing))
-    with pytest.raises(FileNotFoundError, match=FID_WEIGHTS_NAME):
-        standard_metrics([torch.zeros(2, 1, 8, 8)], tmp_path)
-    # Neither given: the torch hub checkpoint folder is tried and named.
-    monkeypatch.delenv(FID_WEIGHTS_ENV)
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    with pytest.raises(FileNotFoundError, match="torch_home"):
-        resolve_fid_weights()
-
-
 def test_wrong_fid_weights_are_refused(tmp_path):
-    junk = tmp_path / FID_WEIGHTS_NAME
+    junk = tmp_path / "weights.pth"
     junk.write_bytes(b"this is not a weights file" * 100)
     with pytest.raises(ValueError, match="not a loadable"):
-        resolve_fid_weights(junk)
-    with pytest.raises(ValueError, match="not a loadable"):
-        standard_metrics([torch.zeros(2, 1, 8, 8)], tmp_path, weights_path=junk)
+        check_inception_weights(junk)
 
     wrong = tmp_path / "wrong.pth"
     torch.save({"fc.weight": torch.zeros(10, 2048), "other": torch.zeros(1)}, wrong)
@@ -264,30 +215,7 @@ def test_wrong_fid_weights_are_refused(tmp_path):
 
     ok = tmp_path / "ok.pth"
     torch.save(_fake_inception_state(), ok)
-    assert resolve_fid_weights(ok) == ok
-
-
-def _torch_fidelity_usable():
-    try:
-        import torch_fidelity  # noqa: F401  (imports torchvision: fails on CPU-only torch)
-    except Exception:
-        return False
-    return True
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get(FID_WEIGHTS_ENV) or not _torch_fidelity_usable(),
-                    reason=f"needs torch-fidelity importable and ${FID_WEIGHTS_ENV}")
-def test_standard_metrics_with_real_weights(mnist, tmp_path):
-    ref = metrics.shard_batches(mnist, 50, limit=200)
-    out = standard_metrics(ref, mnist, cache_dir=tmp_path, num_samples=200, reference_limit=200,
-                           kid_subsets=10)
-    assert out["fid"] < 1.0 and abs(out["kid_mean"]) < 1e-2  # the reference against itself
-    noise = (torch.rand(200, 1, 32, 32) * 2 - 1).split(50)
-    again = standard_metrics(noise, mnist, cache_dir=tmp_path, num_samples=200,
-                             reference_limit=200, kid_subsets=10)
-    assert again["fid"] > 50 and again["kid_mean"] > 0.05
-    assert list(tmp_path.glob("fdrl-*-features-2048.pt"))
+    check_inception_weights(ok)
 
 
 # ------------------------------------------------------------------------- shard reading
@@ -302,17 +230,13 @@ def mnist(tmp_path_factory):
     return out
 
 
-def test_shard_batches_and_cache_name(mnist):
+def test_shard_batches(mnist):
     from fdrl.data.manifest import open_shard_set
-    from fdrl.data.manifest import manifest_hash
 
-    batches = list(metrics.shard_batches(mnist, 256, limit=600))
+    batches = list(shard_batches(mnist, 256, limit=600))
     assert [len(b) for b in batches] == [256, 256, 88]
     assert batches[0].shape[1:] == (1, 32, 32) and batches[0].min() >= -1 and batches[0].max() <= 1
-    assert sum(len(b) for b in metrics.shard_batches(mnist, 1000)) == open_shard_set(mnist).total
-    name = metrics.reference_cache_name(mnist)
-    assert name == f"fdrl-{manifest_hash(mnist)}"
-    assert metrics.reference_cache_name(mnist, 600).endswith("-first600")
+    assert sum(len(b) for b in shard_batches(mnist, 1000)) == open_shard_set(mnist).total
 
 
 # ---------------------------------------------------------------------------- classifier
@@ -321,8 +245,8 @@ def test_shard_batches_and_cache_name(mnist):
 def test_classifier_trains_registers_and_round_trips(mnist, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from fdrl.eval.classifier import (load_classifier, load_labeled, register_classifier,
-                                 strided_subset, train_classifier)
+    from fdrl.eval.classifier import load_labeled, strided_subset, train_classifier
+    from fdrl.tracking.classifiers import load_registered_classifier, register_classifier
 
     images, labels, keys = load_labeled(mnist)
     assert images.shape == (5000, 1, 32, 32) and sorted(labels.unique().tolist()) == list(range(10))
@@ -334,29 +258,29 @@ def test_classifier_trains_registers_and_round_trips(mnist, tmp_path):
     assert result.heldout_accuracy > 0.3  # 3 short epochs on ~550 digits (0.84); chance is 0.1
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    reg = register_classifier(result, tracking_uri=uri, name="test-clf",
-                              params={"epochs": 1}, info={"manifest_hash": "abc"})
+    run_id, number = register_classifier(result, "test-clf", tracking_uri=uri,
+                                         params={"epochs": 1}, info={"manifest_hash": "abc"})
     client = MlflowClient(uri, registry_uri=uri)
-    version = client.get_model_version("test-clf", reg.version)
-    assert version.run_id == reg.run_id and version.source == reg.source
+    version = client.get_model_version("test-clf", number)
+    assert version.run_id == run_id
     assert float(version.tags["heldout_accuracy"]) == pytest.approx(result.heldout_accuracy, abs=1e-4)
-    run = client.get_run(reg.run_id)
+    assert {"sha256/artifacts/config.json", "sha256/artifacts/model.safetensors",
+            "sha256/classifier_pyfunc.py"} <= set(version.tags)
+    run = client.get_run(run_id)
     assert run.data.metrics["heldout_accuracy"] == pytest.approx(result.heldout_accuracy)
     assert run.info.status == "FINISHED" and run.data.tags["fdrl.manifest_hash"] == "abc"
-    assert sorted(a.path for a in client.list_artifacts(reg.run_id, "classifier")) == [
-        "classifier/config.json", "classifier/model.safetensors"]
 
     x = images[:16]
     expected_logits, expected_features = result.model(x), result.model.features(x)
-    for source in (reg.model_uri, f"runs:/{reg.run_id}/classifier"):
-        loaded = load_classifier(source, tracking_uri=uri)
+    for source in (f"models:/test-clf/{number}", "models:/test-clf@candidate"):
+        loaded = load_registered_classifier(source, tracking_uri=uri)
         assert not loaded.training
         assert torch.equal(loaded(x), expected_logits)
         assert torch.equal(loaded.features(x), expected_features)
         assert loaded.info["heldout_accuracy"] == pytest.approx(result.heldout_accuracy)
     assert expected_features.shape == (16, 128)
     # A second registration is version 2 of the same model.
-    assert register_classifier(result, tracking_uri=uri, name="test-clf").version == "2"
+    assert register_classifier(result, "test-clf", tracking_uri=uri)[1] == "2"
     with pytest.raises(ValueError, match="expects"):
         loaded.features(torch.zeros(2, 3, 32, 32))
 

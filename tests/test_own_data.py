@@ -8,6 +8,8 @@ from fdrl.data.manifest import open_shard_set, read_manifest
 from fdrl.data.stream import StreamStats, iter_samples
 from fdrl.data.writer import auto_shard_size, convert
 
+pytestmark = pytest.mark.integration  # starts Ray, a server or a job process
+
 
 def _digits_folder(root, n):
     from sklearn.datasets import load_digits

@@ -87,3 +87,17 @@ def test_wait_time_is_counted_and_the_thread_stops(shard_set):
 def test_negative_depth_is_refused(shard_set):
     with pytest.raises(ValueError, match="prefetch depth must be >= 0 batches, got -1"):
         BatchPrefetcher(_stream(shard_set), 8, depth=-1)
+
+
+@pytest.mark.parametrize("depth", [0, 2])
+def test_an_unreadable_shard_reaches_the_training_loop_by_name(tmp_path, depth):
+    from fdrl.data.stream import ShardReadError
+    from fdrl.data.writer import convert
+
+    convert("mnist", None, tmp_path / "s", shard_size=32, limit=64, progress=False)
+    shard_set = open_shard_set(tmp_path / "s")
+    gone = shard_set.url(shard_set.shards[1])
+    (tmp_path / "s" / shard_set.shards[1]).unlink()
+    with BatchPrefetcher(ShardStream(shard_set, 0, 1, seed=0), 64, depth=depth) as batches:
+        with pytest.raises(ShardReadError, match=f"cannot read shard {gone}: "):
+            next(batches)  # the same error, with or without the thread

@@ -1,8 +1,8 @@
 import torch
 
 from fdrl.data.manifest import open_shard_set
-from fdrl.eval.metrics import shard_batches
-from fdrl.distributed.prior_fit import fit_prior_distributed
+from fdrl.data.stream import shard_batches
+from fdrl.workflows.priors import fit_prior_distributed
 from fdrl.core.priors import Moments, fit_full, fit_lowrank
 
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from fdrl.distributed.checkpoint import save_checkpoint
+from fdrl.data.checkpoint import save_checkpoint
 from fdrl.config import TrainConfig
 from fdrl.core.networks import build_network
 from fdrl.core.priors import Moments, UniformPrior, fit_full
@@ -211,12 +211,12 @@ def test_training_hook_warns_instead_of_failing(registry, caplog):
     from fdrl.tracking.registry import register_trained
 
     _, cfg, ckpt, _ = make_checkpoint(registry["root"], 60)
-    cfg.mlflow_run_id, cfg.tracking_uri = registry["run_id"], registry["uri"]
+    cfg.tracking_uri = registry["uri"]
     cfg.prior_path = ""  # a fitted prior without its file cannot be registered
-    assert register_trained(cfg, ckpt) is None
+    assert register_trained(cfg, registry["run_id"], ckpt) is None
     assert "could not register the model as 'fdrl-unit'" in caplog.text
     cfg.prior, cfg.register_name = "uniform", "fdrl-hook"
-    assert register_trained(cfg, ckpt) == "models:/fdrl-hook@candidate"
+    assert register_trained(cfg, registry["run_id"], ckpt) == "models:/fdrl-hook@candidate"
 
 
 def test_pyfunc_flavour_draws_the_same_samples_as_the_library(registry):

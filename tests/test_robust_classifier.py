@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fdrl.eval.classifier import (ClassifierConfig, MnistClassifier, PGDSettings, load_classifier,
-                                  pgd_l2, register_classifier, train_classifier)
+from fdrl.eval.classifier import (ClassifierConfig, MnistClassifier, PGDSettings, pgd_l2,
+                                  train_classifier)
+from fdrl.tracking.classifiers import load_registered_classifier, open_classifier, register_classifier
 
 SMALL = ClassifierConfig(in_shape=(1, 8, 8), num_classes=3, channels=(4, 8), feature_dim=16)
 
@@ -58,25 +59,26 @@ def test_registered_with_alias_and_hash_checked(tmp_path, monkeypatch):
     x, y, keys = blobs(90)
     result = train_classifier(x, y, keys, epochs=1, batch_size=16, config=SMALL, log=None)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    reg = register_classifier(result, tracking_uri=uri, name="classifier-blobs")
+    _, number = register_classifier(result, "classifier-blobs", tracking_uri=uri)
     client = MlflowClient(uri, registry_uri=uri)
     version = client.get_model_version_by_alias("classifier-blobs", "candidate")
-    assert str(version.version) == reg.version
+    assert str(version.version) == number
     assert sorted(k for k in version.tags if k.startswith("sha256/")) == [
-        "sha256/classifier/config.json", "sha256/classifier/model.safetensors"]
-    loaded = load_classifier("models:/classifier-blobs@candidate", tracking_uri=uri)
+        "sha256/artifacts/config.json", "sha256/artifacts/model.safetensors",
+        "sha256/classifier_pyfunc.py"]
+    loaded = load_registered_classifier("models:/classifier-blobs@candidate", tracking_uri=uri)
     assert torch.equal(loaded(x[:4]), result.model(x[:4]))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # no tracking_uri: the platform's default
-    assert torch.equal(load_classifier("models:/classifier-blobs@candidate")(x[:4]), result.model(x[:4]))
+    assert torch.equal(open_classifier("models:/classifier-blobs@candidate")(x[:4]), result.model(x[:4]))
     with pytest.raises(ModelNotFoundError, match="has no alias 'champion'"):
-        load_classifier("models:/classifier-blobs@champion", tracking_uri=uri)
+        load_registered_classifier("models:/classifier-blobs@champion", tracking_uri=uri)
 
     # Overwrite the stored weights: the registry's hash no longer matches, loading is refused.
-    artifact_root = client.get_run(reg.run_id).info.artifact_uri
-    stored = Path(artifact_root.removeprefix("file://")) / "classifier" / "model.safetensors"
+    root = client.get_model_version_download_uri("classifier-blobs", number)
+    stored = Path(root.removeprefix("file://")) / "artifacts" / "model.safetensors"
     assert stored.is_file()
     other = MnistClassifier(SMALL)
     from safetensors.torch import save_file
     save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(stored))
     with pytest.raises(TamperedArtifactError, match="model.safetensors .* was modified"):
-        load_classifier(reg.model_uri, tracking_uri=uri)
+        load_registered_classifier(f"models:/classifier-blobs/{number}", tracking_uri=uri)

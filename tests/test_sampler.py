@@ -15,8 +15,8 @@ from fdrl.core.divergences import get_pairing
 from fdrl.core.flow import FlowSettings
 from fdrl.core.networks import build_network
 from fdrl.core.priors import make_simple_prior
-from fdrl.core.refine import refine
-from fdrl.core.sampler import chunks, sample, sample_chunk
+from fdrl.core.chunks import chunks
+from fdrl.core.sampler import refinement_flow, sample, sample_chunk
 
 FLOW = FlowSettings(flow_steps=3, extra_steps=2, eta=1.0, nu=0.05)
 
@@ -90,7 +90,7 @@ def test_bad_arguments_are_named(model):
 
 
 def test_training_grid_is_the_samplers_output(model):
-    from fdrl.distributed.worker import GRID_SEED_OFFSET, grid_samples
+    from fdrl.distributed.train_worker import GRID_SEED_OFFSET, grid_samples
 
     net, pairing, prior = model
     cfg = TrainConfig(seed=3, grid_size=9)
@@ -118,15 +118,14 @@ def test_evaluation_stages_and_interpolation_are_the_samplers_output(model):
     assert not torch.allclose(grid[:4], grid[4:8])
 
 
-def test_refinement_is_the_samplers_output(model):
+def test_refinement_is_the_flow_with_dgflow_noise(model):
+    """DGflow's update with an FDRL ratio is the sampler's flow from the given points, with
+    nu = sqrt(2 eta gamma); a chunk refined alone is the same as inside the whole run."""
     net, pairing, _ = model
+    assert refinement_flow(4, 0.5, 0.01) == FlowSettings(4, 0, 0.5, (2 * 0.5 * 0.01) ** 0.5)
     start = torch.randn(70, 2, generator=torch.Generator().manual_seed(1))
-    refined, curve = refine(net, pairing, start, steps=4, eta=0.5, gamma=0.01, seed=9)
-    settings = FlowSettings(4, 0, 0.5, (2 * 0.5 * 0.01) ** 0.5)
-    want = sample(net, pairing, settings, seed=9, start=start, trace=True)
-    assert torch.equal(refined, want.x) and torch.equal(curve, want.log_r)
-    # Refining the second chunk alone gives the same points as inside the whole run.
-    alone = sample_chunk(net, pairing, settings, 9, 1, 6, start=start[64:])
-    assert torch.equal(alone.x, refined[64:])
+    refined = sample(net, pairing, refinement_flow(4, 0.5, 0.01), seed=9, start=start, trace=True)
+    alone = sample_chunk(net, pairing, refinement_flow(4, 0.5, 0.01), 9, 1, 6, start=start[64:])
+    assert torch.equal(alone.x, refined.x[64:]) and len(refined.log_r) == 5
     with pytest.raises(ValueError, match="gamma"):
-        refine(net, pairing, start, steps=4, eta=0.5, gamma=-1.0)
+        refinement_flow(4, 0.5, -1.0)

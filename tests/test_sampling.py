@@ -15,8 +15,9 @@ from safetensors.torch import load_file
 from fdrl.config import TrainConfig
 from fdrl.tracking.registry import load_fdrl_model
 from fdrl.core.flow import FlowSettings
-from fdrl.core.sampler import chunks, sample
-from fdrl.distributed.sampling import sample_distributed, sample_to_dir
+from fdrl.core.chunks import chunks
+from fdrl.core.sampler import sample
+from fdrl.workflows.sample import sample_distributed, sample_to_dir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,10 +41,10 @@ def test_chunks_cover_n_with_a_short_last_chunk():
 
 def test_same_seed_same_samples_for_any_worker_count(ray_cluster, registered):
     model, _ = registered
-    a = sample_distributed(model, 40, seed=3, workers=2, batch=16, progress=False)
-    b = sample_distributed(model, 40, seed=3, workers=2, batch=16, progress=False)
-    one = sample_distributed(model, 40, seed=3, workers=1, batch=16, progress=False)
-    other = sample_distributed(model, 40, seed=4, workers=2, batch=16, progress=False)
+    a = sample_distributed(model, 40, seed=3, workers=2, chunk=16, progress=False)
+    b = sample_distributed(model, 40, seed=3, workers=2, chunk=16, progress=False)
+    one = sample_distributed(model, 40, seed=3, workers=1, chunk=16, progress=False)
+    other = sample_distributed(model, 40, seed=4, workers=2, chunk=16, progress=False)
     assert a.shape == (40, 1, 32, 32) and a.dtype == np.float32
     assert a.min() >= -1 and a.max() <= 1 and a.std() > 0.1
     np.testing.assert_array_equal(a, b)
@@ -63,7 +64,7 @@ def test_same_seed_same_samples_for_any_worker_count(ray_cluster, registered):
 def test_sample_to_dir_writes_samples_and_grid(ray_cluster, registered, tmp_path):
     _, uri = registered
     summary = sample_to_dir("models:/fdrl-sampling@candidate", 10, tmp_path / "out", seed=1,
-                            workers=2, batch=4, tracking_uri=uri, progress=False, extra_steps=2)
+                            workers=2, chunk=4, tracking_uri=uri, progress=False, extra_steps=2)
     samples = np.load(tmp_path / "out" / "samples.npy")
     assert samples.shape == (10, 1, 32, 32) and samples.dtype == np.float32
     assert -1 <= samples.min() and samples.max() <= 1
@@ -75,7 +76,7 @@ def test_sample_to_dir_writes_samples_and_grid(ray_cluster, registered, tmp_path
 
 @pytest.mark.timeout(600)
 def test_train_register_load_in_fresh_process_and_sample_twice(ray_cluster, tmp_path):
-    from fdrl.distributed.launch import run_training
+    from fdrl.workflows.train import check_run, resolve, run_training
     from fdrl.data.writer import convert
 
     shards = tmp_path / "shards"
@@ -85,7 +86,7 @@ def test_train_register_load_in_fresh_process_and_sample_twice(ray_cluster, tmp_
                       batch=8, workers=2, lr=1e-3, decay_steps=[3], flow_steps=2, extra_steps=1,
                       log_every=1, checkpoint_every=2, sample_every=2, grid_size=4,
                       max_failures=0, storage=str(tmp_path / "runs"), tracking_uri=uri)
-    result = run_training(cfg)
+    result = run_training(check_run(resolve(cfg)))
     assert result.model_uri == "models:/fdrl-mnist@candidate"
 
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -107,7 +108,7 @@ def test_train_register_load_in_fresh_process_and_sample_twice(ray_cluster, tmp_
         out_dir = tmp_path / f"samples-{attempt}"
         job = subprocess.run(
             [sys.executable, str(REPO / "jobs" / "sample.py"), "--model", result.model_uri,
-             "--n", "24", "--out", str(out_dir), "--seed", "5", "--workers", "2", "--batch", "8",
+             "--n", "24", "--out", str(out_dir), "--seed", "5", "--workers", "2", "--chunk", "8",
              "--tracking-uri", uri], env=env, capture_output=True, text=True, timeout=300)
         assert job.returncode == 0, job.stderr[-3000:]
         assert "24 samples from models:/fdrl-mnist/1" in job.stdout

@@ -1,3 +1,4 @@
+import errno
 import hashlib
 import io
 import os
@@ -22,22 +23,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 # ------------------------------------------------------------------------------------ helpers
-
-
-def noise(w, h, seed=0):
-    return Image.fromarray(np.random.RandomState(seed).randint(0, 256, (h, w, 3), np.uint8))
-
-
-def encoded(img, fmt, **kwargs):
-    buffer = io.BytesIO()
-    img.save(buffer, format=fmt, **kwargs)
-    return buffer.getvalue()
-
-
-def write(path, data):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    return path
 
 
 def shard_samples(tar_path):
@@ -71,8 +56,9 @@ def quiet(**kwargs):
 
 
 @pytest.fixture
-def messy_folder(tmp_path):
+def messy_folder(tmp_path, fake_inputs):
     """5 good images (nested, mixed formats and case) and 3 undecodable ones, plus a non-image."""
+    noise, encoded, write = fake_inputs.noise, fake_inputs.encoded, fake_inputs.write
     root = tmp_path / "raw"
     write(root / "a.jpg", encoded(noise(40, 30, 1), "JPEG"))
     write(root / "sub" / "b.png", encoded(noise(30, 40, 2), "PNG"))
@@ -122,7 +108,8 @@ def test_folder_counts_skips_and_manifest(messy_folder, tmp_path):
                     "00000006_sub_deeper_c"]
 
 
-def test_images_are_resized_and_centre_cropped(tmp_path):
+def test_images_are_resized_and_centre_cropped(tmp_path, fake_inputs):
+    encoded, write = fake_inputs.encoded, fake_inputs.write
     # Three vertical bands: only the green middle one survives "shorter side, centre crop".
     bands = np.zeros((40, 160, 3), np.uint8)
     bands[:, :50, 0] = bands[:, 50:110, 1] = bands[:, 110:, 2] = 255
@@ -138,7 +125,7 @@ def test_images_are_resized_and_centre_cropped(tmp_path):
     assert (np.asarray(images["00000001_grey"]) == 128).all()  # L converted to RGB
 
 
-def test_resume_keeps_complete_shards(messy_folder, tmp_path):
+def test_resume_keeps_complete_shards(messy_folder, tmp_path, fake_inputs):
     out = tmp_path / "shards"
     first = convert("folder", messy_folder, out, resolution=16, shard_size=3, **quiet())
     table, meta = read_manifest(out)
@@ -148,7 +135,7 @@ def test_resume_keeps_complete_shards(messy_folder, tmp_path):
     shards[1].unlink()
     (out / MANIFEST_NAME).unlink()
     # Inputs of complete shards are not decoded again: garbling one goes unnoticed.
-    write(messy_folder / "sub" / "deeper" / "c.webp", b"garbage")
+    fake_inputs.write(messy_folder / "sub" / "deeper" / "c.webp", b"garbage")
     second = convert("folder", messy_folder, out, resolution=16, shard_size=3, **quiet())
 
     assert second.reused_shards == 2 and second.shard_count == 3
@@ -172,53 +159,9 @@ def test_changed_parameters_rebuild_and_stale_shards_go(messy_folder, tmp_path):
 # ------------------------------------------------------------------------------------ CIFAR-10
 
 
-class Py2Pickler(pickle._Pickler):
-    """Writes str and bytes as Python 2 strings, the layout of the official CIFAR-10 batches."""
-
-    dispatch = dict(pickle._Pickler.dispatch)
-
-    def save_py2_str(self, obj):
-        data = obj.encode("latin1") if isinstance(obj, str) else obj
-        self.write(pickle.BINSTRING + struct.pack("<i", len(data)) + data)
-        self.memoize(obj)
-
-    dispatch[str] = save_py2_str
-    dispatch[bytes] = save_py2_str
-
-
-def py2_dump(obj, f):
-    Py2Pickler(f, protocol=2).dump(obj)
-
-
-def py3_dump(obj, f):
-    pickle.dump(obj, f, protocol=4)
-
-
-def cifar_dir(tmp_path, dump):
-    """A fake ``cifar-10-batches-py``: 2 images per train batch, 3 in the test batch."""
-    root = tmp_path / "cifar-10-batches-py"
-    root.mkdir()
-    images = {}
-    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
-    for seed, name in enumerate(names):
-        n = 3 if name == "test_batch" else 2
-        hwc = np.random.RandomState(seed).randint(0, 256, (n, 32, 32, 3), np.uint8)
-        hwc[0, 0, 0] = (255, 0, 10)  # a pixel whose channel order is unmistakable
-        images[name] = hwc
-        batch = {
-            b"batch_label": name.encode(),
-            b"labels": [(seed + i) % 10 for i in range(n)],
-            b"data": hwc.transpose(0, 3, 1, 2).reshape(n, 3072),  # R plane, G plane, B plane
-            b"filenames": [f"img_{seed}_{i}.png".encode() for i in range(n)],
-        }
-        with open(root / name, "wb") as f:
-            dump(batch, f)
-    return root, images
-
-
-@pytest.mark.parametrize("dump", [py2_dump, py3_dump])
-def test_cifar10_images_and_labels(tmp_path, dump):
-    root, images = cifar_dir(tmp_path, dump)
+@pytest.mark.parametrize("dump", ["py2", "py3"])
+def test_cifar10_images_and_labels(tmp_path, dump, fake_inputs):
+    root, images = fake_inputs.cifar10(tmp_path, fake_inputs.DUMPS[dump])
     train = convert("cifar10", root, tmp_path / "train", shard_size=4, **quiet())
     test = convert("cifar10", root, tmp_path / "test", split="test", **quiet())
 
@@ -235,10 +178,10 @@ def test_cifar10_images_and_labels(tmp_path, dump):
     assert first.getpixel((0, 0)) == (255, 0, 10)
 
 
-def test_cifar10_shards_read_with_webdataset(tmp_path):
+def test_cifar10_shards_read_with_webdataset(tmp_path, fake_inputs):
     import webdataset as wds
 
-    root, images = cifar_dir(tmp_path, py2_dump)
+    root, images = fake_inputs.cifar10(tmp_path)
     convert("cifar10", root, tmp_path / "out", split="test", **quiet())
     dataset = wds.WebDataset(shard_urls(tmp_path / "out"), shardshuffle=False).decode("pil")
     samples = list(dataset)
@@ -254,8 +197,8 @@ class RunsShell:
         return os.system, (f"touch {self.marker}",)
 
 
-def test_cifar10_refuses_pickles_that_reference_code(tmp_path):
-    root, _ = cifar_dir(tmp_path, py2_dump)
+def test_cifar10_refuses_pickles_that_reference_code(tmp_path, fake_inputs):
+    root, _ = fake_inputs.cifar10(tmp_path)
     marker = tmp_path / "pwned"
     with open(root / "data_batch_1", "wb") as f:
         pickle.dump({b"data": RunsShell(marker), b"labels": []}, f, protocol=4)
@@ -273,15 +216,8 @@ def test_cifar10_refuses_pickles_that_reference_code(tmp_path):
 # ------------------------------------------------------------------------ CelebA, LSUN, cat2dog
 
 
-def test_celeba_zip_and_folder_give_the_same_shards(tmp_path):
-    folder = tmp_path / "img_align_celeba"
-    archive = tmp_path / "img_align_celeba.zip"
-    with zipfile.ZipFile(archive, "w") as zf:
-        zf.writestr("img_align_celeba/", b"")
-        for i in range(1, 4):
-            data = encoded(noise(178, 218, i), "JPEG")
-            write(folder / f"{i:06d}.jpg", data)
-            zf.writestr(f"img_align_celeba/{i:06d}.jpg", data)
+def test_celeba_zip_and_folder_give_the_same_shards(tmp_path, fake_inputs):
+    archive, folder = fake_inputs.celeba(tmp_path, 3)
 
     from_zip = convert("celeba", archive, tmp_path / "zip", **quiet())
     from_folder = convert("celeba", folder, tmp_path / "folder", **quiet())
@@ -293,16 +229,12 @@ def test_celeba_zip_and_folder_give_the_same_shards(tmp_path):
     assert not any("cls" in s for s in samples.values())
 
 
-def test_lsun_lmdb(tmp_path):
-    import lmdb
-
-    path = tmp_path / "church_outdoor_train_lmdb"
-    env = lmdb.open(str(path), map_size=1 << 24, subdir=True)
-    with env.begin(write=True) as txn:
-        txn.put(b"b_webp", encoded(noise(96, 72, 1), "WEBP", quality=90))
-        txn.put(b"a_jpeg", encoded(noise(72, 96, 2), "JPEG"))
-        txn.put(b"c_broken", b"not an image")
-    env.close()
+def test_lsun_lmdb(tmp_path, fake_inputs):
+    noise, encoded = fake_inputs.noise, fake_inputs.encoded
+    path = fake_inputs.lsun(tmp_path / "church_outdoor_train_lmdb", {
+        b"b_webp": encoded(noise(96, 72, 1), "WEBP", quality=90),
+        b"a_jpeg": encoded(noise(72, 96, 2), "JPEG"),
+        b"c_broken": b"not an image"})
 
     info = convert("lsun", path, tmp_path / "out", resolution=32, **quiet())
 
@@ -313,12 +245,9 @@ def test_lsun_lmdb(tmp_path):
     assert {png(s["png"]).size for s in samples.values()} == {(32, 32)}
 
 
-def test_cat2dog_one_shard_set_per_domain(tmp_path):
-    root = tmp_path / "cat2dog"
+def test_cat2dog_one_shard_set_per_domain(tmp_path, fake_inputs):
     counts = {"trainA": 2, "trainB": 3, "testA": 1}
-    for domain, n in counts.items():
-        for i in range(n):
-            write(root / domain / f"{i}.jpg", encoded(noise(100, 100, i), "JPEG"))
+    root = fake_inputs.cat2dog(tmp_path / "cat2dog", counts)
 
     infos = convert_cat2dog(root, tmp_path / "out", **quiet())
 
@@ -383,3 +312,244 @@ def test_cli_prints_a_summary(messy_folder, tmp_path):
     )
     assert "folder: 5 samples in 4 shards (0 reused), 3 skipped" in result.stdout
     assert "skipped sub/truncated.jpg" in result.stdout
+
+
+# ------------------------------------------------------------------ bounded decoding of inputs
+
+
+def _png_header(width, height):
+    """A PNG that declares width x height (IHDR and IEND only): tiny, but a bomb to decode."""
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IEND", b""))
+
+
+def test_a_decompression_bomb_input_is_skipped_and_recorded(tmp_path, fake_inputs):
+    noise, encoded, write = fake_inputs.noise, fake_inputs.encoded, fake_inputs.write
+    write(tmp_path / "raw" / "a.png", encoded(noise(20, 20, 1), "PNG"))
+    write(tmp_path / "raw" / "bomb.png", _png_header(100_000, 100_000))
+    write(tmp_path / "raw" / "c.png", encoded(noise(20, 20, 2), "PNG"))
+    info = convert("folder", tmp_path / "raw", tmp_path / "out", resolution=8, **quiet())
+    assert info.total_count == 2 and [e["key"] for e in info.skipped] == ["bomb.png"]
+    error = info.skipped[0]["error"]
+    assert "decompression bomb" in error and "bomb.png" in error
+    assert read_manifest(tmp_path / "out")[1]["skipped"] == info.skipped
+
+
+def test_archive_members_over_the_bound_are_skipped_and_recorded(tmp_path, monkeypatch, fake_inputs):
+    import lmdb
+
+    from fdrl.data import limits
+
+    noise, encoded = fake_inputs.noise, fake_inputs.encoded
+    small, large = encoded(noise(178, 218, 1), "JPEG", quality=50), encoded(noise(178, 218, 2), "PNG")
+    assert len(small) < 20_000 < len(large)
+    monkeypatch.setattr(limits, "MAX_MEMBER_BYTES", 20_000)  # the real bound needs 256 MiB inputs
+    archive = tmp_path / "img_align_celeba.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("img_align_celeba/000001.jpg", small)
+        zf.writestr("img_align_celeba/000002.jpg", large)  # a PNG under a .jpg name decodes too
+        zf.writestr("img_align_celeba/000003.jpg", small)
+    env = lmdb.open(str(tmp_path / "lsun"), map_size=1 << 24, subdir=True)
+    with env.begin(write=True) as txn:
+        txn.put(b"a", small)
+        txn.put(b"b", large)
+    env.close()
+
+    celeba = convert("celeba", archive, tmp_path / "celeba", **quiet())
+    lsun = convert("lsun", tmp_path / "lsun", tmp_path / "lsun-out", resolution=16, **quiet())
+
+    for info, key in [(celeba, "000002.jpg"), (lsun, "b")]:
+        assert [e["key"] for e in info.skipped] == [key]
+        assert f"{key}: archive member declares {len(large)} bytes" in info.skipped[0]["error"]
+        assert "MAX_MEMBER_BYTES" in info.skipped[0]["error"]
+    assert (celeba.total_count, lsun.total_count) == (2, 1)
+
+
+# ---------------------------------------------------------------- shard sets on object storage
+
+S3_TIMEOUT = pytest.mark.timeout(300)  # the first test to use s3_server starts it
+
+
+def _stream_keys(data, n=None):
+    """Every key of one epoch of a one-worker ShardStream over ``data`` (a folder or URI)."""
+    from fdrl.data.manifest import open_shard_set
+    from fdrl.data.stream import ShardStream
+
+    shard_set = open_shard_set(data)
+    stream = ShardStream(shard_set, 0, 1, seed=0)
+    samples = stream.samples()
+    return [next(samples)[1] for _ in range(n or shard_set.total)], stream
+
+
+@S3_TIMEOUT
+def test_prepare_to_s3_then_stream_back_without_local_copies(s3_server, messy_folder, tmp_path):
+    import shutil
+
+    from fdrl.data import storage
+    from fdrl.data.manifest import open_shard_set
+
+    uri = storage.join(s3_server.bucket(), "sets", "photos")
+    spool = tmp_path / "tmp"  # the writer's local temporary files go here
+    spool.mkdir()
+    args = ["folder", str(messy_folder), "--resolution", "8", "--shard-size", "2"]
+    result = subprocess.run([sys.executable, str(REPO / "datasets" / "prepare.py"), *args,
+                             "--out", uri], capture_output=True, text=True,
+                            env={**os.environ, "TMPDIR": str(spool)})
+    assert result.returncode == 0, result.stderr
+    assert "folder: 5 samples in 4 shards (0 reused), 3 skipped" in result.stdout
+    assert f"manifest {uri}/manifest.parquet" in result.stdout
+    assert list(spool.iterdir()) == []  # no local copy left behind
+
+    local = convert("folder", messy_folder, tmp_path / "local", resolution=8, shard_size=2, **quiet())
+    shutil.rmtree(messy_folder)
+    shutil.rmtree(tmp_path / "local")
+    assert manifest_hash(uri) == local.manifest_hash  # the same bytes as a local conversion
+    assert sorted(storage.listdir(uri)) == sorted(
+        ["manifest.parquet"] + [f"folder-{i:06d}.tar{ext}" for i in range(4) for ext in ("", ".json")])
+    shard_set = open_shard_set(uri + "/")
+    assert shard_set.root == uri and shard_set.url(shard_set.shards[0]) == f"{uri}/folder-000000.tar"
+    assert shard_urls(uri)[0] == f"{uri}/folder-000000.tar"
+    keys, stream = _stream_keys(uri)
+    assert sorted(keys) == ["00000000_a", "00000002_e", "00000004_sub_D", "00000005_sub_b",
+                            "00000006_sub_deeper_c"]
+    assert stream.stats.skipped == 0
+
+
+def _items(n, broken=()):
+    """n small labelled greyscale items; the payloads of indices in ``broken`` raise if read."""
+    def payload(i):
+        if i in broken:
+            def refuse():
+                raise AssertionError(f"item {i} was read again")
+            return refuse
+        return np.random.RandomState(i).randint(0, 256, (12, 12), np.uint8)
+    for i in range(n):
+        yield f"item{i:03d}", payload(i), i % 10
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _interrupted(items, after):
+    for i, item in enumerate(items):
+        if i == after:
+            raise Interrupted(f"stopped after {after} items")
+        yield item
+
+
+@S3_TIMEOUT
+def test_an_interrupted_prepare_to_s3_resumes(s3_server):
+    from fdrl.data import storage
+    from fdrl.data.writer import write_shards
+
+    bucket = s3_server.bucket()
+    uri, whole = storage.join(bucket, "partial"), storage.join(bucket, "whole")
+    common = dict(dataset="toy", source="test", preprocess="resize", resolution=8, mode="L",
+                  shard_size=4, progress=False)
+    expected = write_shards(_items(14), whole, **common)  # 4 shards, never interrupted
+
+    with pytest.raises(Interrupted):
+        write_shards(_interrupted(_items(14), after=10), uri, **common)  # inside shard 2
+    # Shards 0 and 1 are complete (tar, then sidecar); shard 2 was never uploaded, even in part;
+    # no manifest: the folder is not a shard set.
+    assert storage.listdir(uri) == ["toy-000000.tar", "toy-000000.tar.json",
+                                    "toy-000001.tar", "toy-000001.tar.json"]
+    with pytest.raises(FileNotFoundError, match=f"no manifest.parquet in {uri}"):
+        from fdrl.data.manifest import open_shard_set
+        open_shard_set(uri)
+
+    # The rerun keeps the uploaded shards: their inputs are not even read again.
+    resumed = write_shards(_items(14, broken=range(8)), uri, **common)
+    assert (resumed.reused_shards, resumed.shard_count, resumed.skipped) == (2, 4, [])
+    assert resumed.manifest_hash == expected.manifest_hash
+    keys, _ = _stream_keys(uri)
+    assert sorted(keys) == [f"{i:08d}_item{i:03d}" for i in range(14)]
+
+    # A shorter run later: the shards of the longer one go, through the storage too.
+    write_shards(_items(14), uri, **{**common, "shard_size": 7})
+    assert [n for n in storage.listdir(uri) if n.endswith(".tar")] == ["toy-000000.tar",
+                                                                       "toy-000001.tar"]
+
+
+@S3_TIMEOUT
+def test_an_unreadable_shard_on_s3_stops_the_stream_and_the_prior_fit(s3_server):
+    from fdrl.data import storage
+    from fdrl.data.manifest import open_shard_set
+    from fdrl.data.prior_fit import PriorFit, group_stats
+    from fdrl.data.stream import ShardReadError
+
+    from fdrl.data.writer import write_shards
+
+    uri = storage.join(s3_server.bucket(), "set")
+    write_shards(_items(12), uri, dataset="toy", source="test", preprocess="resize",
+                 resolution=8, mode="L", shard_size=4, progress=False)
+    shard_set = open_shard_set(uri)
+    gone = shard_set.url(shard_set.shards[1])
+    storage.remove(gone)  # after the manifest was written
+
+    with pytest.raises(ShardReadError) as err:
+        _stream_keys(uri)
+    assert str(err.value).startswith(f"cannot read shard {gone}: ")
+    assert "no such file" in str(err.value) and err.value.errno == errno.ENOENT
+    with pytest.raises(ShardReadError, match=gone):
+        group_stats(PriorFit(shard_set, "full", 0, 0), list(shard_set.shards))
+
+
+@S3_TIMEOUT
+def test_opening_a_shard_set_on_s3_names_what_is_wrong(s3_server, monkeypatch):
+    from fdrl.data import storage
+    from fdrl.data.manifest import open_shard_set
+    from fdrl.data.storage import StorageError, StorageNotFoundError
+
+    bucket = s3_server.bucket()
+    storage.write_bytes(storage.join(bucket, "half", "toy-000000.tar"), b"x")
+    with pytest.raises(FileNotFoundError, match=f"no manifest.parquet in {bucket}/half: prepare"):
+        open_shard_set(storage.join(bucket, "half"))
+    with pytest.raises(FileNotFoundError, match=f"data path does not exist: {bucket}/nothing"):
+        open_shard_set(storage.join(bucket, "nothing"))
+    with pytest.raises(StorageNotFoundError, match="bucket 'no-such-bucket-fdrl' does not exist"):
+        open_shard_set("s3://no-such-bucket-fdrl/data")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    with pytest.raises(StorageError, match=f"{bucket}/half/manifest.parquet: access denied: "
+                                           "credentials missing or wrong"):
+        open_shard_set(storage.join(bucket, "half"))
+
+
+@pytest.mark.timeout(900)
+def test_training_reads_s3_shards_and_stops_at_one_it_cannot_read(s3_server, ray_cluster, train,
+                                                                    tmp_path):
+    """Through Ray, as a run does: the prior is fitted by a fan-out and the workers stream from
+    the bucket (no local copy exists); a shard deleted later ends the next run at once, naming
+    the shard, instead of training on the rest."""
+    from fdrl.config import TrainConfig
+    from fdrl.data import storage
+    from fdrl.distributed.trainer import RunFailed
+
+    uri = storage.join(s3_server.bucket(), "mnist")
+    convert("mnist", None, uri, shard_size=64, limit=256, progress=False)
+    cfg = dict(data=uri, dataset="mnist", arch="mnist32", prior="full", steps=2, batch=8,
+               workers=2, lr=1e-3, decay_steps=[3], flow_steps=2, extra_steps=1, log_every=1,
+               checkpoint_every=2, sample_every=2, grid_size=4, max_failures=1, register=False,
+               storage=str(tmp_path / "runs"), tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    result = train(TrainConfig(**cfg, run_name="from-s3"))
+    assert result.checkpoint is not None
+
+    gone = storage.join(uri, "mnist-000002.tar")
+    storage.remove(gone)
+    with pytest.raises(RunFailed, match=f"ShardReadError: cannot read shard {gone}: ") as err:
+        # A batch of one epoch (256 samples): the first step reads every shard, each worker
+        # those of its half. The prior, fitted above, comes from the cache.
+        train(TrainConfig(**{**cfg, "batch": 256}, run_name="shard-gone"))
+    assert err.value.cause.url == gone
+
+    from fdrl.data.manifest import open_shard_set
+    from fdrl.data.stream import ShardReadError
+    from fdrl.workflows.priors import fit_prior_distributed
+
+    with pytest.raises(ShardReadError, match=f"cannot read shard {gone}: "):  # a fresh fit
+        fit_prior_distributed(open_shard_set(uri), "full", tasks=2)

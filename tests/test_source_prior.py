@@ -8,7 +8,7 @@ from fdrl.config import TrainConfig
 from fdrl.data.manifest import open_shard_set
 from fdrl.data.source_prior import SourcePrior
 from fdrl.data.writer import convert
-from fdrl.distributed.worker import load_run_prior
+from fdrl.distributed.train_worker import open_prior
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +76,8 @@ def test_translation_config_and_domain_shapes_are_checked(digits):
     cfg = TrainConfig(prior="source", source=str(digits / "d32"), data=str(digits / "d16"))
     with pytest.raises(ValueError, match=r"source images have shape \(1, 32, 32\) but the target's "
                                          r"have shape \(1, 16, 16\)"):
-        load_run_prior(cfg, open_shard_set(digits / "d16").shape)
-    assert load_run_prior(cfg, (1, 32, 32)).shape == (1, 32, 32)
+        open_prior(cfg, open_shard_set(digits / "d16").shape)
+    assert open_prior(cfg, (1, 32, 32)).shape == (1, 32, 32)
     with pytest.raises(ValueError, match="translation takes both --prior source and --source DIR"):
         TrainConfig(prior="source").validate()
     with pytest.raises(ValueError, match="translation takes both"):
@@ -85,7 +85,7 @@ def test_translation_config_and_domain_shapes_are_checked(digits):
 
 
 def test_launcher_refuses_domains_of_different_shapes(digits, tmp_path):
-    from fdrl.distributed.launch import check_run, resolve
+    from fdrl.workflows.train import check_run, resolve
 
     cfg = TrainConfig(prior="source", source=str(digits / "d16"), data=str(digits / "d32"),
                       arch="mnist32", storage=str(tmp_path / "runs"), tracking_uri=f"sqlite:///{tmp_path}/m.db")

@@ -39,13 +39,11 @@ def _tensors(result) -> dict:
             **{f"ema.{k}": v for k, v in load_file(str(d / "ema.safetensors")).items()}}
 
 
-def test_translation_trains_resumes_exactly_and_registers(ray_cluster, domains, tmp_path):
-    from fdrl.distributed.launch import run_training
-
-    straight = run_training(tiny(domains, tmp_path, run_name="straight"))
-    run_training(tiny(domains, tmp_path, run_name="split", steps=2, register=False))
-    resumed = run_training(tiny(domains, tmp_path, run_name="split", steps=4, resume=True,
-                                register=False))
+def test_translation_trains_resumes_exactly_and_registers(ray_cluster, domains, tmp_path, train):
+    straight = train(tiny(domains, tmp_path, run_name="straight"))
+    train(tiny(domains, tmp_path, run_name="split", steps=2, register=False))
+    resumed = train(tiny(domains, tmp_path, run_name="split", steps=4, resume=True,
+                          register=False))
     a, b = _tensors(straight), _tensors(resumed)
     assert a.keys() == b.keys()
     assert [k for k in a if not torch.equal(a[k], b[k])] == []  # the prior stream resumed exactly

@@ -11,20 +11,19 @@ pytestmark = pytest.mark.timeout(900)
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory):
+def sweep(tmp_path_factory, hooks):
     import ray
 
     from fdrl.data.writer import convert
-    from fdrl.distributed.tune import run_sweep
+    from fdrl.workflows.sweep import run_sweep
 
     tmp = tmp_path_factory.mktemp("sweep")
     shards = tmp / "shards"
     convert("mnist", None, shards, shard_size=64, limit=256, progress=False)
-    # Each trial's rank 0 marks its loop start in marker_dir, waits until two trials have started
+    # Each trial's rank 0 marks its loop start in tmp/markers, waits until two trials have started
     # (a barrier: trials that could not run together time out and fail), and at its last step
-    # records the starts it saw.
+    # records the starts it saw (tests/train_hooks.py).
     base = TrainConfig(data=str(shards), dataset="mnist", arch="mnist32", prior="full", steps=20,
-                       marker_dir=str(tmp / "markers"), marker_wait=2,
                        batch=8, workers=1, flow_steps=2, extra_steps=1, log_every=10,
                        checkpoint_every=10**9, sample_every=10**9, grid_size=4,
                        storage=str(tmp / "runs"), tracking_uri=f"sqlite:///{tmp}/mlflow.db")
@@ -36,11 +35,13 @@ def sweep(tmp_path_factory):
         # stops nothing, so every trial's outcome is deterministic.
         trials = [{"pairing": "lr-kl", "eta": 1.5}, {"pairing": "lr-kl", "eta": 2.5},
                   {"pairing": "lr-kl", "eta": 2.0, "lr": 1000.0}]
-        rows = run_sweep(base, space, num_samples=0, metric="kl", max_concurrent=2, grace_period=20,
-                         extra_trials=trials, name="s", register_name="swept")
+        result = run_sweep(base, space, num_samples=0, metric="kl", max_concurrent=2,
+                           grace_period=20, extra_trials=trials, name="s", register_name="swept",
+                           train_loop=hooks.overlap_markers(str(tmp / "markers"), 2))
     finally:
         ray.shutdown()
-    return rows, tmp
+    assert result.folder == str(tmp / "runs" / "s")
+    return result.rows, tmp
 
 
 def test_diverging_trial_fails_with_its_reason_and_the_sweep_goes_on(sweep):

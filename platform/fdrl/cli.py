@@ -1,7 +1,9 @@
-"""The one entry point behind every training job in jobs/: preset -> flags -> run_training.
+"""The one entry point behind every training job in jobs/: preset -> flags -> resolved, checked
+run -> ``fdrl.workflows.train.run_training``.
 
 Works as ``python jobs/X.py`` (starts a local Ray) and under ``ray job submit`` (connects to
-the cluster the job runs on).
+the cluster the job runs on). A configuration error, and a run that fails for a reason that would
+repeat, end in one ``error:`` line and a non-zero exit.
 """
 
 from __future__ import annotations
@@ -15,33 +17,43 @@ from typing import Callable, Optional
 from fdrl.config import TrainConfig, add_config_args, config_from_args
 
 
-def parse_train_args(preset: TrainConfig, description: str, argv=None) -> tuple[TrainConfig, bool]:
+def parse_train_args(preset: TrainConfig, description: str, argv=None,
+                     extend: Optional[Callable[[argparse.ArgumentParser], None]] = None
+                     ) -> tuple[TrainConfig, bool]:
+    """The flags of every TrainConfig field over ``preset``, plus --dry-run; ``extend`` adds a
+    job's own flags (which must map onto config fields, e.g. an alias with ``dest``)."""
     parser = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser, preset)
     parser.add_argument("--dry-run", action="store_true",
                         help="print the resolved run (config, paths, run name, prior) and exit")
+    if extend is not None:
+        extend(parser)
     args = parser.parse_args(argv)
     return config_from_args(args, preset), args.dry_run
 
 
 def train_main(preset: TrainConfig, description: str, argv=None,
-               default_data: Optional[Callable[[], Path]] = None) -> int:
-    from fdrl.distributed.launch import check_run, resolve, run_training
+               default_data: Optional[Callable[[], Path]] = None,
+               extend: Optional[Callable[[argparse.ArgumentParser], None]] = None,
+               finish: Optional[Callable[[TrainConfig], TrainConfig]] = None) -> int:
+    """Parse, resolve and check, train, print where everything went. ``default_data`` builds the
+    data when --data is not given; ``finish`` completes the parsed config (e.g. a name)."""
+    from fdrl.distributed.trainer import RunFailed
+    from fdrl.workflows.train import check_run, resolve, run_training
 
-    cfg, dry_run = parse_train_args(preset, description, argv)
+    cfg, dry_run = parse_train_args(preset, description, argv, extend)
     if not cfg.data and default_data is not None:
         cfg.data = str(default_data())
-    if not cfg.data:
-        sys.exit("error: --data PATH is required (a shard directory made by datasets/prepare.py)")
     try:
+        if finish is not None:
+            cfg = finish(cfg)
         run = resolve(cfg)
         if dry_run:
             print(json.dumps(run.to_dict(), indent=1))
             return 0
-        check_run(run)
-        result = run_training(cfg)
-    except (FileNotFoundError, ValueError, PermissionError) as err:
+        result = run_training(check_run(run))
+    except (OSError, ValueError, RunFailed) as err:  # OSError: storage, tracking server, data
         sys.exit(f"error: {err}")
     grids = result.grids
     print("\n== done ==")

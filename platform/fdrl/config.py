@@ -8,15 +8,14 @@ import argparse
 import dataclasses
 import inspect
 import json
-import os
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-# Set by the launcher, sweeps or tests through the config object; never command-line flags.
-INTERNAL_FIELDS = frozenset({"mlflow_run_id", "mlflow_parent_run_id", "fail_at_step", "marker_dir",
-                             "marker_wait", "fid_reference"})
+# Set by the launcher or sweeps through the config object; never command-line flags.
+INTERNAL_FIELDS = frozenset({"mlflow_parent_run_id", "fid_reference"})
+# Fields of older versions, ignored when an old config (a checkpoint's, a registered model's) is read.
+RETIRED_FIELDS = frozenset({"mlflow_run_id", "fail_at_step", "marker_dir", "marker_wait"})
 GPU_CHOICES = ("auto", "on", "off", "wait")
 
 
@@ -73,10 +72,7 @@ class TrainConfig:
     register: bool = True  # register the final EMA model (sweeps register only their best trial)
     register_name: str = ""  # registered model name for the final checkpoint; empty: fdrl-<dataset>
     tracking_uri: str = ""  # empty: MLFLOW_TRACKING_URI or sqlite under the working directory
-    fail_at_step: int = -1  # testing aid: worker raises once at this step (fault tolerance)
-    marker_dir: str = ""  # testing aid: rank 0 marks loop start and, at the end, the starts it saw
-    marker_wait: int = 0  # testing aid: rank 0 waits until this many runs marked their start
-    mlflow_run_id: str = ""  # set by the launcher; rank 0 logs into this run
+    tracking_offline: bool = False  # start even when MLflow is unreachable: the run is created, and everything logged replayed, once it answers
     mlflow_parent_run_id: str = ""  # set by sweeps: the trial's run is nested under the sweep's
     eval_every: int = 0  # steps between domain-feature KID evaluations, at report steps (0: off)
     eval_samples: int = 256  # EMA samples and real images per KID evaluation
@@ -99,6 +95,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
         names = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k not in RETIRED_FIELDS}
         unknown = set(d) - names
         if unknown:
             raise ValueError(f"unknown config fields: {', '.join(sorted(unknown))}")
@@ -135,47 +132,50 @@ class TrainConfig:
         return self
 
 
-def default_storage() -> Path:
-    """Where runs go when --storage is empty: $FDRL_HOME/runs, else ./runs."""
-    return Path(os.environ.get("FDRL_HOME") or os.getcwd()).expanduser() / "runs"
+def storage_root(given, *under: str) -> str:
+    """Where runs and fitted priors go: ``given`` (a TrainConfig, or a --storage value: a folder
+    or an object-store URI), else $FDRL_HOME/runs (or ./runs), joined with ``under``."""
+    from fdrl.data import storage
+    from fdrl.env import home
+
+    given = given.storage if isinstance(given, TrainConfig) else given
+    return storage.resolve(given) if given else str(home().joinpath("runs", *under))
 
 
-def storage_root(cfg: TrainConfig) -> Path:
-    return Path(cfg.storage).expanduser().resolve() if cfg.storage else default_storage().resolve()
-
-
-def field_help() -> dict[str, str]:
-    """Each field's one-line description: its trailing comment in the class source above."""
+def field_help(cls: type = TrainConfig) -> dict[str, str]:
+    """Each field's one-line description: its trailing comment in the dataclass's source."""
     pattern = re.compile(r"^\s+(\w+):[^#]*#\s*(.+)$")
-    found = (pattern.match(line) for line in inspect.getsource(TrainConfig).splitlines())
+    found = (pattern.match(line) for line in inspect.getsource(cls).splitlines())
     return {m.group(1): m.group(2).strip() for m in found if m}
 
 
-def user_fields() -> list[dataclasses.Field]:
-    return [f for f in dataclasses.fields(TrainConfig) if f.name not in INTERNAL_FIELDS]
+def user_fields(cls: type = TrainConfig) -> list[dataclasses.Field]:
+    internal = INTERNAL_FIELDS if cls is TrainConfig else frozenset()
+    return [f for f in dataclasses.fields(cls) if f.name not in internal]
 
 
-def add_config_args(parser: argparse.ArgumentParser, defaults: TrainConfig) -> None:
-    """One --flag per user field (underscores become dashes), defaulting to the preset's values;
-    the help line is the field's comment."""
-    descriptions = field_help()
-    for f in user_fields():
+def add_config_args(parser: argparse.ArgumentParser, defaults) -> None:
+    """One --flag per user field of the dataclass ``defaults`` (underscores become dashes),
+    defaulting to its values; the help line is the field's comment."""
+    descriptions = field_help(type(defaults))
+    for f in user_fields(type(defaults)):
         value = getattr(defaults, f.name)
         flag = "--" + f.name.replace("_", "-")
         help_text = f"{descriptions.get(f.name, '')} (default: {json.dumps(value)})".replace("%", "%%")
-        if f.name == "gpu":
+        choices = f.metadata.get("choices")
+        if f.name == "gpu" and type(defaults) is TrainConfig:
             parser.add_argument(flag, nargs="?", const="on", choices=GPU_CHOICES, default=value,
                                 help=help_text)
         elif isinstance(value, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value, help=help_text)
         elif isinstance(value, list):
-            parser.add_argument(flag, type=int, nargs="*", default=value, help=help_text)
+            item = type(value[0]) if value else int
+            parser.add_argument(flag, type=item, nargs="*", default=value, help=help_text)
         else:
-            parser.add_argument(flag, type=type(value), default=value, help=help_text)
+            parser.add_argument(flag, type=type(value), default=value, choices=choices, help=help_text)
 
 
-def config_from_args(args: argparse.Namespace, defaults: TrainConfig | None = None) -> TrainConfig:
-    """The parsed flags over ``defaults`` (which supplies the internal fields)."""
-    names = {f.name for f in user_fields()}
-    return dataclasses.replace(defaults or TrainConfig(),
-                               **{k: v for k, v in vars(args).items() if k in names})
+def config_from_args(args: argparse.Namespace, defaults):
+    """The parsed flags over the dataclass ``defaults`` (which supplies the internal fields)."""
+    names = {f.name for f in user_fields(type(defaults))}
+    return dataclasses.replace(defaults, **{k: v for k, v in vars(args).items() if k in names})

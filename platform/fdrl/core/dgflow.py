@@ -27,7 +27,8 @@ from torch import nn
 from fdrl.core.divergences import get_pairing
 from fdrl.core.flow import FlowSettings
 from fdrl.core.priors import Prior
-from fdrl.core.sampler import CHUNK, chunk_seed, chunks, sample_chunk
+from fdrl.core.chunks import CHUNK, Chunk, Samples, chunk_seed, run_chunks
+from fdrl.core.sampler import sample_chunk
 
 F_NAMES = ("kl", "js", "logd")
 METHODS = ("dgflow", "dot", "ddls")
@@ -135,19 +136,14 @@ class Pushforward(Prior):
             return self.generator(self.latent.sample(n, generator, device)).reshape(n, *self.shape)
 
 
-@dataclass
-class Refined:
-    base: torch.Tensor  # unrefined samples in data space (same latents)
-    refined: torch.Tensor
-    log_r: torch.Tensor  # mean log-ratio estimate (-d) at steps 0..steps
-
-
 def refine_chunk(settings: RefineSettings, logit: nn.Module, seed: int, index: int, size: int, *,
                  generator: Optional[nn.Module] = None, latent_dim: Optional[int] = None,
                  data_shape: Optional[Sequence[int]] = None, start: Optional[torch.Tensor] = None,
-                 k_eff: Optional[float] = None) -> Refined:
-    """Chunk ``index`` (``size`` samples) of a refinement run seeded with ``seed``.
-    ``start`` (data space only) replaces the generator's draws: refining given samples."""
+                 k_eff: Optional[float] = None) -> Samples:
+    """Chunk ``index`` (``size`` samples) of a refinement run seeded with ``seed``: the refined
+    samples ``x``, the unrefined ones (same latents) as ``stages[0]``, both in data space, and the
+    mean log-ratio estimate (-d) at steps 0..steps as ``log_r``. ``start`` (data space only)
+    replaces the generator's draws: refining given samples."""
     if settings.space == "latent" or start is None:
         if generator is None or latent_dim is None:
             raise ValueError("refining without --input samples needs a generator and its latent_dim")
@@ -170,8 +166,8 @@ def refine_chunk(settings: RefineSettings, logit: nn.Module, seed: int, index: i
                        start=start, record=(0,), trace=True, extra_potential=extra)
     if settings.space == "latent":
         with torch.no_grad():
-            return Refined(generator(out.stages[0]), generator(out.x), out.log_r)
-    return Refined(out.stages[0], out.x, out.log_r)
+            return Samples(generator(out.x), {0: generator(out.stages[0])}, out.log_r)
+    return out
 
 
 def _step_and_noise(s: RefineSettings) -> tuple[float, float]:
@@ -215,34 +211,27 @@ def _dot_chunk(s, logit, seed, index, size, generator, latent_dim, data_shape, s
         opt.step()
     with torch.no_grad():
         curve.append(-logit(x).mean())
-    return Refined(y, x.detach(), torch.stack(curve))
+    return Samples(x.detach(), {0: y}, torch.stack(curve))
 
 
 def refine(settings: RefineSettings, logit: nn.Module, n: Optional[int] = None, seed: int = 0, *,
            generator: Optional[nn.Module] = None, latent_dim: Optional[int] = None,
            data_shape: Optional[Sequence[int]] = None, start: Optional[torch.Tensor] = None,
-           k_eff: Optional[float] = None, chunk: int = CHUNK,
-           indices: Optional[Sequence[int]] = None) -> Refined:
-    """N refined samples in this process, chunk by chunk (``indices``: only those chunks, for a
-    worker's share). The log-ratio curve is the size-weighted mean over chunks."""
+           k_eff: Optional[float] = None, chunk: int = CHUNK) -> Samples:
+    """N refined samples in this process, chunk by chunk (``refine_chunk``, merged)."""
     if start is not None:
         n = len(start) if n is None else n
         if n != len(start):
             raise ValueError(f"n={n} but {len(start)} samples were given")
     if n is None or n < 1:
         raise ValueError(f"give n >= 1 or samples to refine, got n={n}")
-    parts, curve, total = [], None, 0
-    for index, begin, size in chunks(n, chunk):
-        if indices is not None and index not in indices:
-            continue
-        part = refine_chunk(settings, logit, seed, index, size, generator=generator,
+
+    def one(c: Chunk) -> Samples:
+        return refine_chunk(settings, logit, seed, c.index, c.size, generator=generator,
                             latent_dim=latent_dim, data_shape=data_shape, k_eff=k_eff,
-                            start=None if start is None else start[begin:begin + size])
-        parts.append(part)
-        curve = part.log_r * size if curve is None else curve + part.log_r * size
-        total += size
-    return Refined(torch.cat([p.base for p in parts]), torch.cat([p.refined for p in parts]),
-                   curve / total)
+                            start=None if start is None else start[c.start:c.start + c.size])
+
+    return run_chunks(one, n, chunk)
 
 
 def auto_steps(curve: Sequence[float], tol: float, patience: int = 5) -> int:
@@ -254,3 +243,23 @@ def auto_steps(curve: Sequence[float], tol: float, patience: int = 5) -> int:
             return max(k - patience, 1)
     return len(values) - 1
 
+
+class ChunkRefiner:
+    """One refinement's settings and networks on one device (a CPU here: the networks are small),
+    refining whole chunks: what each Ray actor of a distributed refinement holds."""
+
+    def __init__(self, device, settings: RefineSettings, logit: nn.Module,
+                 generator: Optional[nn.Module], latent_dim: Optional[int],
+                 data_shape: Optional[Sequence[int]], k_eff: Optional[float]):
+        self.settings, self.logit, self.generator = settings, logit, generator
+        self.latent_dim, self.data_shape, self.k_eff = latent_dim, data_shape, k_eff
+
+    def refine(self, seed: int, chunk: Chunk, start: Optional[torch.Tensor] = None) -> Samples:
+        return refine_chunk(self.settings, self.logit, seed, chunk.index, chunk.size,
+                            generator=self.generator, latent_dim=self.latent_dim,
+                            data_shape=self.data_shape, start=start, k_eff=self.k_eff)
+
+
+def refine_item(refiner: ChunkRefiner, item: tuple) -> Samples:
+    """The fan-out's work: ``item`` is ``ChunkRefiner.refine``'s arguments."""
+    return refiner.refine(*item)

@@ -57,3 +57,23 @@ def corrector_loss(logit, positives: torch.Tensor, negatives: torch.Tensor) -> t
     """Logistic loss with ``positives`` (data, or the reference GAN's samples) as class 1: its
     optimum is logit = log(p_pos / p_neg), so exp(-logit) reads as the ratio negatives/positives."""
     return -F.logsigmoid(logit(positives)).mean() - F.logsigmoid(-logit(negatives)).mean()
+
+
+def fit_corrector(corrector: torch.nn.Module, logit, positives, negatives, *, iters: int,
+                  lr: float = 1e-4, momentum: float = 0.9, batch: int = 64, log_every: int = 500,
+                  on_log=None) -> None:
+    """DGflow's density-ratio corrector: SGD on ``corrector``'s parameters with the logistic loss
+    of ``logit`` (which includes the corrector) on ``positives(batch)`` (class 1) against
+    ``negatives(batch)``. ``on_log(iteration, loss)`` every ``log_every`` iterations and at the end."""
+    if iters < 1 or batch < 1:
+        raise ValueError(f"iters and batch must be >= 1, got {iters}, {batch}")
+    corrector.train().requires_grad_(True)
+    opt = torch.optim.SGD(corrector.parameters(), lr=lr, momentum=momentum)
+    for it in range(1, iters + 1):
+        loss = corrector_loss(logit, positives(batch), negatives(batch))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if on_log is not None and (it % log_every == 0 or it == iters):
+            on_log(it, loss.item())
+    corrector.eval().requires_grad_(False)

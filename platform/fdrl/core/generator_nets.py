@@ -11,17 +11,14 @@ A spec is ``{"arch": NAME, **keyword arguments}``; ``build_net(spec)`` rebuilds 
 
 from __future__ import annotations
 
-from typing import Sequence
-
-import torch
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
-
 
 
 def _logit_or_features(out):
     """One output per sample is a logit (shape N); more are a feature critic's vector (N x D)."""
     return out.squeeze(-1) if out.shape[-1] == 1 else out
+
 
 class MLPNet(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, width: int = 512, depth: int = 3):
@@ -117,13 +114,3 @@ def build_net(spec: dict) -> nn.Module:
     except TypeError as err:
         raise ValueError(f"bad network spec {spec}: {err}") from None
     return net.eval().requires_grad_(False)
-
-
-def check_latent(z: torch.Tensor, latent_dim: int) -> None:
-    if z.dim() != 2 or z.shape[1] != latent_dim:
-        raise ValueError(f"the generator takes latents of shape (batch, {latent_dim}), "
-                         f"got {tuple(z.shape)}")
-
-
-def same_shape(a: Sequence[int], b: Sequence[int]) -> bool:
-    return tuple(a) == tuple(b)

@@ -56,6 +56,15 @@ class Prior:
     def tensors(self) -> dict[str, torch.Tensor]:
         return {}
 
+    # A prior that streams data (translation's source domain) has a read position that a
+    # checkpoint must keep, and gives grids and evaluations their own fixed stream; a distribution
+    # has neither: its draws come from the caller's generator.
+    position: Optional[dict] = None
+
+    def for_samples(self, seed: int) -> "Prior":
+        """The prior that grids and evaluations draw from, apart from training's draws."""
+        return self
+
     def to(self, device) -> "Prior":
         for name, t in self.tensors().items():
             setattr(self, name, t.to(device))

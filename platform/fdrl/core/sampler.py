@@ -1,11 +1,10 @@
 """The one sampler: FDRL Algorithm 2 and every other walk along a trained ratio's flow.
 
-N samples are cut into chunks of a fixed size (``CHUNK``). Chunk i runs on its own generator,
-seeded from (seed, i) alone; it draws its starting batch from the prior (unless the caller gives
-the starting points) and then the flow noise. So a sample depends on (seed, its index, the chunk
-size) and the model only: never on how many chunks a caller runs at once, nor on which worker
-ran which chunk. Grids, ``jobs/sample.py``, evaluation stages, interpolation, refinement and
-conditional or translation sampling all come through here.
+N samples are cut into chunks (``fdrl.core.chunks``). Chunk i runs on its own generator, seeded
+from (seed, i) alone; it draws its starting batch from the prior (unless the caller gives the
+starting points) and then the flow noise. Grids, ``jobs/sample.py``, evaluation stages,
+interpolation, refinement with a ratio model and conditional or translation sampling all come
+through here.
 
 Optional extras, per call: ``record`` keeps x at given step counts (e.g. 0, K, K + kappa: the
 same trajectories at each stage); ``trace`` keeps the mean log r after every step (the KL
@@ -14,45 +13,18 @@ diagnostic); ``extra_potential`` adds a per-sample potential to f'(r) (class gui
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
 from typing import Optional, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
+from fdrl.core.chunks import CHUNK, Chunk, Samples, chunk_seed, run_chunks
 from fdrl.core.divergences import Pairing
 from fdrl.core.flow import FlowSettings, Potential, flow
+from fdrl.core.guidance import class_potential, frozen
 from fdrl.core.precision import network_output
 from fdrl.core.priors import Prior
-
-CHUNK = 64  # part of the seeding: a different chunk size gives different samples
-
-
-def chunk_seed(seed: int, index: int) -> int:
-    """The generator seed of chunk ``index`` of a run seeded with ``seed``.
-
-    Chunk 0 uses ``seed`` itself, so a run of at most one chunk (a 64-sample grid) draws exactly
-    what one generator seeded with ``seed`` draws; later chunks get well-mixed 63-bit seeds.
-    """
-    if index == 0:
-        return int(seed)
-    state = np.random.SeedSequence([int(seed), int(index)]).generate_state(2, np.uint32)
-    return (int(state[0]) << 31) ^ int(state[1])
-
-
-def chunks(n: int, chunk: int = CHUNK) -> list[tuple[int, int, int]]:
-    """(index, start, size) of each chunk; the last one may be short."""
-    if n < 1 or chunk < 1:
-        raise ValueError(f"need n >= 1 and chunk >= 1, got n={n}, chunk={chunk}")
-    return [(i, start, min(chunk, n - start)) for i, start in enumerate(range(0, n, chunk))]
-
-
-@dataclass
-class Samples:
-    x: torch.Tensor  # the final samples, on the CPU
-    stages: dict[int, torch.Tensor] = field(default_factory=dict)  # step count -> x at that step
-    log_r: Optional[torch.Tensor] = None  # mean log r at steps 0..steps (with ``trace``)
 
 
 def sample_chunk(net: nn.Module, pairing: Pairing, flow_settings: FlowSettings, seed: int,
@@ -113,19 +85,49 @@ def sample(net: nn.Module, pairing: Pairing, flow_settings: FlowSettings, n: Opt
             raise ValueError(f"n={n} but {len(start)} starting points were given")
     if n is None:
         raise ValueError("give n or starting points")
-    out, curve = [], None
-    stages: dict[int, list] = {}
-    for index, begin, size in chunks(n, chunk):
-        part = sample_chunk(net, pairing, flow_settings, seed, index, size, prior=prior,
-                            start=None if start is None else start[begin:begin + size],
+
+    def one(c: Chunk) -> Samples:
+        return sample_chunk(net, pairing, flow_settings, seed, c.index, c.size, prior=prior,
+                            start=None if start is None else start[c.start:c.start + c.size],
                             steps=steps, record=record, trace=trace,
                             extra_potential=extra_potential, device=device)
-        out.append(part.x)
-        for mark, x in part.stages.items():
-            stages.setdefault(mark, []).append(x)
-        if trace:
-            curve = part.log_r * size if curve is None else curve + part.log_r * size
-        if progress is not None:
-            progress(size)
-    return Samples(torch.cat(out), {k: torch.cat(v) for k, v in stages.items()},
-                   None if curve is None else curve / n)
+
+    return run_chunks(one, n, chunk, progress)
+
+
+def refinement_flow(steps: int, eta: float, gamma: float, precision: str = "fp32") -> FlowSettings:
+    """DGflow's update x <- x - eta grad f'(r(x)) + sqrt(2 eta gamma) xi as a flow of ``steps``
+    steps: FDRL's flow with nu = sqrt(2 eta gamma); gamma = 0 is the deterministic variant."""
+    if not gamma >= 0:
+        raise ValueError(f"gamma must be >= 0, got {gamma}")
+    return FlowSettings(flow_steps=steps, extra_steps=0, eta=eta, nu=math.sqrt(2 * eta * gamma),
+                        precision=precision)
+
+
+class ChunkSampler:
+    """A trained model on one device, drawing whole chunks: what each Ray actor of a sampling
+    run holds (``fdrl.distributed.fanout``). With a classifier, a chunk can be guided towards a
+    label (``fdrl.core.guidance``); with starting points, it flows those instead of prior draws."""
+
+    def __init__(self, device, net: nn.Module, prior: Optional[Prior], pairing: Pairing,
+                 flow_settings: FlowSettings, classifier: Optional[nn.Module] = None,
+                 phi: float = 0.0):
+        self.device = torch.device(device)
+        self.net = net.to(self.device).eval().requires_grad_(False)
+        self.prior = None if prior is None else prior.to(self.device)
+        self.pairing, self.flow = pairing, flow_settings
+        self.classifier = None if classifier is None else frozen(classifier.to(self.device))
+        self.phi = phi
+
+    def draw(self, seed: int, index: int, size: int, label: Optional[int] = None,
+             start: Optional[torch.Tensor] = None, steps: Optional[int] = None) -> torch.Tensor:
+        """Chunk ``index`` of a run seeded with ``seed``, on the CPU."""
+        potential = None if label is None else class_potential(self.classifier, label, self.phi, self.pairing)
+        return sample_chunk(self.net, self.pairing, self.flow, seed, index, size, prior=self.prior,
+                            start=start, steps=steps, extra_potential=potential,
+                            device=self.device).x
+
+
+def draw_chunk(sampler: ChunkSampler, item: tuple) -> torch.Tensor:
+    """The fan-out's work: ``item`` is ``ChunkSampler.draw``'s arguments."""
+    return sampler.draw(*item)

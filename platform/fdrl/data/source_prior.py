@@ -42,6 +42,11 @@ class SourcePrior(Prior):
     def position(self) -> dict:
         return dict(self.stream.position)
 
+    def for_samples(self, seed: int) -> "SourcePrior":
+        """A fresh stream over the same source images, seeded apart from training's: grids and
+        evaluations of one run all start from the same source images."""
+        return SourcePrior(ShardStream(self.stream.shards, 0, 1, seed + SEED_OFFSET))
+
     def sample(self, n: int, generator: Optional[torch.Generator] = None,
                device: torch.device | str = "cpu") -> torch.Tensor:
         drawn = [next(self._samples) for _ in range(n)]

@@ -9,28 +9,55 @@ touches. The stream is a pure function of (seed, rank, world, epoch): its positi
 index in the worker's slice), a resumed run continues it exactly, and a different worker count
 gives a different stream.
 
-Samples are tar members grouped by key (``KEY.png``, ``KEY.cls``). A truncated tar, a member
-that does not decode as an image, or a sample without an image is skipped and counted in
-``StreamStats``. Training never stops for it.
+A shard (local or on an object store) is read whole into memory through ``fdrl.data.storage``,
+its sha256 checked against the manifest's, and its bytes handed to ``tarfile``. A shard that
+cannot be read (missing, unreachable, permission denied), whose bytes are not the manifest's, that
+is not a readable tar, or that holds more or fewer samples than the manifest says stops the run
+with a ``ShardReadError`` naming it: training on part of the data, without a word, is worse than
+not training. Samples are tar members grouped by key (``KEY.png``, ``KEY.cls``). Inside a readable
+shard, a corrupt sample (an image that does not decode, a decompression bomb, a member over
+``limits.MAX_MEMBER_BYTES``, no image, the wrong shape) is skipped and counted in
+``StreamStats``: training does not stop for it.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import io
 import logging
 import tarfile
 import zlib
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterator, Optional
 
 import numpy as np
 import torch
-from PIL import Image
 
-from .manifest import ShardSet
+from . import limits, storage
+from .manifest import ShardSet, open_shard_set
 
 log = logging.getLogger(__name__)
+
+
+class ShardReadError(OSError):
+    """A shard that cannot be used as the manifest describes it; ``str()`` names its URI.
+
+    An ``OSError``: most causes are I/O (a missing object, an unreachable endpoint, permission
+    denied) and keep the storage error's errno; bytes that are not the manifest's are a failed
+    read too, as a checksum error is on a disk. Callers that report bad paths (``except OSError``
+    in the jobs) report it the same way. It pickles with its fields, as Ray sends a worker's
+    exception to the driver by pickling it.
+    """
+
+    def __init__(self, url: str, reason: str, code: Optional[int] = None):
+        super().__init__(f"cannot read shard {url}: {reason}")
+        self.url, self.reason = url, reason
+        if code is not None:
+            self.errno = code  # only errno: setting filename would change str()
+
+    def __reduce__(self):
+        return type(self), (self.url, self.reason, self.errno)
 
 
 @dataclass
@@ -46,30 +73,83 @@ class StreamStats:
         log.warning("skipped %s: %s", where, why)
 
 
-def _shard_samples(path: Path, stats: StreamStats,
-                   expected: Optional[int] = None) -> list[tuple[str, dict[str, bytes]]]:
-    """All samples of one tar shard as (key, {ext: bytes}), in tar order. A truncated tail is
-    counted as one skip and the intact samples before it are kept. tarfile reads a tar cut inside
-    a header as a clean end, so fewer samples than the manifest's ``expected`` count also skips."""
-    groups: dict[str, dict[str, bytes]] = {}
+class _Refused:
+    """Stands for a member that was not read (over ``limits.MAX_MEMBER_BYTES``): its sample is
+    still counted against the manifest, and skipped when decoded."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
+def read_shard_bytes(url: str, sha256: Optional[str] = None, size: Optional[int] = None) -> bytes:
+    """The bytes of one shard, checked against the manifest's sha256 (hashed from the bytes just
+    read: no second read). Any failure is a ``ShardReadError`` naming ``url``."""
     try:
-        with tarfile.open(path, "r") as tar:
+        data = storage.read_bytes(url)
+    except OSError as err:  # StorageError: missing, unreachable, wrong credentials, permission
+        raise ShardReadError(url, getattr(err, "reason", None) or str(err),
+                             getattr(err, "errno", None)) from err
+    if sha256:
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != sha256:
+            sizes = f"{len(data)} bytes" + (f", the manifest says {size}" if size is not None else "")
+            raise ShardReadError(url, f"its sha256 {actual[:16]}... ({sizes}) does not match the "
+                                      f"manifest's {sha256[:16]}...: the shard changed after the "
+                                      "manifest was written; prepare the data again", errno.EIO)
+    return data
+
+
+def _shard_samples(url: str, expected: Optional[int] = None, sha256: Optional[str] = None,
+                   size: Optional[int] = None) -> list[tuple[str, dict[str, bytes]]]:
+    """All samples of one tar shard as (key, {ext: bytes}), in tar order, exactly ``expected``
+    of them (the manifest's count). A member over ``limits.MAX_MEMBER_BYTES`` is not read (its
+    declared size says so); its sample is skipped when decoded. Everything else that is wrong
+    with the shard raises ``ShardReadError``."""
+    return parse_shard(url, read_shard_bytes(url, sha256, size), expected)
+
+
+def parse_shard(url: str, data: bytes,
+                expected: Optional[int] = None) -> list[tuple[str, dict[str, bytes]]]:
+    """The samples of a shard's bytes (``_shard_samples`` without the read)."""
+    groups: dict[str, dict] = {}
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
             for member in tar:
                 if not member.isfile():
                     continue
                 key, _, ext = member.name.partition(".")
+                try:
+                    limits.check_member_size(f"{storage.name(url)}/{member.name}", member.size)
+                except ValueError as err:
+                    groups.setdefault(key, {})[ext] = _Refused(str(err))
+                    continue
                 groups.setdefault(key, {})[ext] = tar.extractfile(member).read()
-    except (tarfile.TarError, EOFError, OSError) as err:
-        stats.skip(f"{path.name} (after {len(groups)} samples)", f"unreadable tar: {err}")
-    else:
-        if expected is not None and len(groups) < expected:
-            stats.skip(path.name, f"unreadable tar: truncated, {len(groups)} of {expected} samples")
+    except (tarfile.TarError, EOFError) as err:
+        raise ShardReadError(url, f"not a readable tar ({err}) after {len(groups)} samples",
+                             errno.EIO) from err
+    # tarfile reads a tar cut inside a header as a clean end: the count is what tells.
+    if expected is not None and len(groups) != expected:
+        raise ShardReadError(url, f"it holds {len(groups)} samples, the manifest says {expected}: "
+                                  "the shard changed after the manifest was written; prepare the "
+                                  "data again", errno.EIO)
     return list(groups.items())
 
 
-def decode_image(data: bytes, channels: int) -> torch.Tensor:
-    """PNG/JPEG bytes -> float tensor (C, H, W) in [-1, 1]."""
-    with Image.open(io.BytesIO(data)) as img:
+def read_shard(shard_set: ShardSet, index: int) -> list[tuple[str, dict]]:
+    """The samples of shard ``index`` of ``shard_set``, verified against its manifest row."""
+    name = shard_set.shards[index]
+    return _shard_samples(shard_set.url(name), shard_set.counts[index],
+                          shard_set.sha256[index], shard_set.sizes[index])
+
+
+def decode_image(data: bytes, channels: int, what: str = "image",
+                 size: Optional[tuple[int, int]] = None) -> torch.Tensor:
+    """PNG/JPEG bytes -> float tensor (C, H, W) in [-1, 1]. Refuses a decompression bomb, and an
+    image whose header is not ``size`` (width, height), before decoding its pixels."""
+    with limits.open_image(io.BytesIO(data), what) as img:
+        if size is not None and img.size != tuple(size):
+            raise _WrongShape(f"image shape {(channels, img.height, img.width)} != "
+                              f"{(channels, size[1], size[0])}")
         img = img.convert("L" if channels == 1 else "RGB")
         arr = np.asarray(img, dtype=np.uint8)
     if arr.ndim == 2:
@@ -79,16 +159,32 @@ def decode_image(data: bytes, channels: int) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).float().div_(127.5).sub_(1.0)
 
 
-def decode_sample(key: str, members: dict[str, bytes], shard_set: ShardSet,
+class _WrongShape(ValueError):
+    pass
+
+
+def decode_sample(key: str, members: dict, shard_set: ShardSet,
                   stats: StreamStats) -> Optional[torch.Tensor]:
-    """The image of one sample, or None (skipped and counted) when it has no image member, the
-    image does not decode, or its shape is not the shard set's."""
+    """The image of one sample, or None (skipped and counted) when a member was refused, it has
+    no image member, the image is a decompression bomb or does not decode, or its shape is not
+    the shard set's."""
+    refused = [m.reason for m in members.values() if isinstance(m, _Refused)]
+    if refused:
+        stats.skip(key, f"member refused: {refused[0]}")
+        return None
     data = members.get("png") or members.get("jpg") or members.get("webp")
     if data is None:
         stats.skip(key, f"no image member (has: {', '.join(sorted(members)) or 'nothing'})")
         return None
     try:
-        image = decode_image(data, shard_set.channels)
+        image = decode_image(data, shard_set.channels, key,
+                             (shard_set.resolution, shard_set.resolution))
+    except limits.DecompressionBombError as err:
+        stats.skip(key, str(err))  # says "decompression bomb"
+        return None
+    except _WrongShape as err:
+        stats.skip(key, str(err))
+        return None
     except Exception as err:  # PIL raises many types for corrupt data
         stats.skip(key, f"undecodable image: {err}")
         return None
@@ -101,10 +197,11 @@ def decode_sample(key: str, members: dict[str, bytes], shard_set: ShardSet,
 def iter_samples(shard_set: ShardSet, stats: StreamStats,
                  shards: Optional[list[str]] = None) -> Iterator[tuple[str, dict, torch.Tensor]]:
     """(key, members, image) of every decodable sample, shard by shard in manifest order
-    (or over ``shards``, a subset of the manifest's), unshuffled: for fits and evaluation."""
-    counts = dict(zip(shard_set.shards, shard_set.counts))
+    (or over ``shards``, a subset of the manifest's), unshuffled: for fits and evaluation. A shard
+    that cannot be read raises ``ShardReadError``."""
+    index = {name: i for i, name in enumerate(shard_set.shards)}
     for name in shards if shards is not None else shard_set.shards:
-        for key, members in _shard_samples(shard_set.root / name, stats, counts[name]):
+        for key, members in read_shard(shard_set, index[name]):
             image = decode_sample(key, members, shard_set, stats)
             if image is not None:
                 yield key, members, image
@@ -159,13 +256,10 @@ class ShardStream:
                 if pos["index"] >= seen + stop - first:  # this range was read before a resume
                     seen += stop - first
                     continue
-                samples = _shard_samples(self.shards.root / self.shards.shards[index], self.stats,
-                                         counts[index])
+                samples = read_shard(self.shards, index)  # exactly counts[index] samples
                 order = shard_order(counts[index], self.seed, pos["epoch"], index)
                 for slot in order[first + pos["index"] - seen:stop]:
                     pos["index"] += 1
-                    if slot >= len(samples):  # lost with a truncated tar (counted when read)
-                        continue
                     key, members = samples[slot]
                     image = self._decode(key, members)
                     if image is not None:
@@ -188,3 +282,23 @@ class ShardStream:
         it = self.samples()
         while True:
             yield torch.stack([next(it)[0] for _ in range(batch_size)])
+
+
+def shard_batches(data: str | ShardSet, batch_size: int = 256,
+                  limit: Optional[int] = None) -> Iterator[torch.Tensor]:
+    """A shard set's images (``data``: the set or its folder) in manifest order as float batches
+    (N, C, H, W) in [-1, 1], at most ``limit`` images."""
+    shard_set = data if isinstance(data, ShardSet) else open_shard_set(data)
+    buf: list[torch.Tensor] = []
+    emitted = 0
+    for _, _, image in iter_samples(shard_set, StreamStats()):
+        buf.append(image)
+        if limit is not None and emitted + len(buf) >= limit:
+            yield torch.stack(buf[:limit - emitted])
+            return
+        if len(buf) == batch_size:
+            yield torch.stack(buf)
+            emitted += len(buf)
+            buf = []
+    if buf:
+        yield torch.stack(buf)

@@ -3,7 +3,7 @@
 Pipeline: a *reader* yields ``(key, payload, label)`` items in a deterministic (sorted) order; each
 item is decoded and preprocessed with PIL, encoded as a lossless PNG and written into shards.
 
-Shard set layout (one directory per set)::
+Shard set layout (one folder per set, local or under an object-store prefix ``s3://bucket/x``)::
 
     NAME-000000.tar       samples i*shard_size .. (i+1)*shard_size-1 of the input order
     NAME-000000.tar.json  sidecar: count, size, sha256, skipped inputs, conversion parameters
@@ -15,9 +15,15 @@ and ``KEY.cls`` (decimal label as ASCII text, only when the source has labels). 
 ``{input index:08d}_{slug of the source key}``: unique, deterministic and free of dots (webdataset
 splits a member name at the first dot).
 
+Each shard is written to a local temporary file, then published (renamed into place locally,
+uploaded with ``storage.put_file`` to an object store), then its sidecar; the manifest goes last.
+So an interrupted conversion never leaves a valid-looking shard set, and a partial upload is never
+a shard.
+
 Resume: input item i always lands in shard i // shard_size, so a rerun skips every shard whose
 sidecar matches (same parameters, same input keys, same tar size) without decoding its images.
-Undecodable inputs are skipped and recorded (key + error), never fatal.
+Undecodable inputs (decompression bombs and archive members over ``limits`` included) are skipped
+and recorded (key + error), never fatal.
 """
 
 from __future__ import annotations
@@ -28,7 +34,9 @@ import json
 import os
 import re
 import tarfile
+import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from itertools import chain, islice
@@ -38,6 +46,7 @@ from typing import Any, Callable, Iterable, Iterator
 from PIL import Image
 from tqdm import tqdm
 
+from . import storage
 from .atomic import atomic_path
 from .hashing import sha256_file
 from .manifest import MANIFEST_NAME, manifest_hash, write_manifest
@@ -50,11 +59,12 @@ DEFAULT_SHARD_SIZE = 1000
 AUTO_SHARDS = 8  # a set smaller than AUTO_SHARDS full shards is cut into this many shards
 MODES = {1: "L", 3: "RGB"}  # --channels
 
+
 @dataclass(frozen=True)
 class ManifestInfo:
     """What a conversion produced (also recoverable later with ``read_manifest``)."""
 
-    out_dir: Path
+    out_dir: str  # absolute local path or URI
     dataset: str
     total_count: int
     shard_count: int
@@ -66,8 +76,8 @@ class ManifestInfo:
     seconds: float
 
     @property
-    def manifest(self) -> Path:
-        return self.out_dir / MANIFEST_NAME
+    def manifest(self) -> str:
+        return storage.join(self.out_dir, MANIFEST_NAME)
 
     @property
     def skipped_count(self) -> int:
@@ -93,52 +103,70 @@ def _keys_digest(chunk: list[Item]) -> str:
     return hashlib.sha256("\n".join(key for key, _, _ in chunk).encode()).hexdigest()
 
 
-def _reusable_record(tar_path: Path, params: dict, keys_digest: str) -> dict | None:
-    """The sidecar of a complete shard made from these inputs with these parameters, else None."""
-    sidecar = tar_path.with_name(tar_path.name + ".json")
+def _reusable_record(tar_url: str, params: dict, keys_digest: str) -> dict | None:
+    """The sidecar of a complete shard made from these inputs with these parameters, else None.
+    A missing shard or sidecar means "write it"; any other storage error stops the conversion."""
     try:
-        record = json.loads(sidecar.read_text())
-        size = tar_path.stat().st_size
-    except (OSError, ValueError):
+        record = json.loads(storage.read_text(tar_url + ".json"))
+        size = storage.size(tar_url)
+    except (FileNotFoundError, ValueError):
         return None
     if record.get("params") != params or record.get("keys_sha256") != keys_digest:
         return None
     return record if record.get("bytes") == size else None
 
 
+@contextmanager
+def _staged(url: str):
+    """A local file to write ``url``'s content into, published at ``url`` only if the block
+    succeeds: renamed into place in a local folder, uploaded (complete or not at all) to an
+    object store."""
+    if not storage.is_uri(url):
+        with atomic_path(Path(url)) as tmp:
+            yield tmp
+        return
+    fd, tmp = tempfile.mkstemp(prefix=f".{storage.name(url)}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        storage.put_file(tmp, url)
+    finally:
+        os.unlink(tmp)
+
+
 def _write_shard(
-    tar_path: Path, chunk: list[Item], first_index: int, encode: Callable[[Payload], bytes],
+    tar_url: str, chunk: list[Item], first_index: int, encode: Callable[[Payload], bytes],
     params: dict, keys_digest: str, on_item: Callable[[], Any],
 ) -> dict:
     """Write one shard and then its sidecar, the sidecar being the shard's commit record.
 
     The old sidecar goes first, so a crash at any point leaves no sidecar vouching for a tar it
-    does not describe.
+    does not describe. Size and sha256 are taken from the local file, before it is published.
     """
-    sidecar = tar_path.with_name(tar_path.name + ".json")
-    sidecar.unlink(missing_ok=True)
+    sidecar = tar_url + ".json"
+    storage.remove(sidecar, missing_ok=True)
     count, skipped = 0, []
-    with atomic_path(tar_path) as tmp, tarfile.open(tmp, "w") as tar:
-        for offset, (key, payload, label) in enumerate(chunk):
-            try:
-                png = encode(payload)
-            except Exception as exc:  # any decoder failure on untrusted input means "skip it"
-                skipped.append({"key": key, "error": f"{type(exc).__name__}: {exc}"})
-                continue
-            finally:
-                on_item()
-            sample_key = _sample_key(first_index + offset, key)
-            _add_member(tar, f"{sample_key}.png", png)
-            if label is not None:
-                _add_member(tar, f"{sample_key}.cls", str(label).encode())
-            count += 1
-    record = {
-        "shard": tar_path.name, "count": count, "bytes": tar_path.stat().st_size,
-        "sha256": sha256_file(tar_path), "skipped": skipped,
-        "params": params, "keys_sha256": keys_digest,
-    }
-    with atomic_path(sidecar) as tmp:
-        tmp.write_text(json.dumps(record, indent=1))
+    with _staged(tar_url) as tmp:
+        with tarfile.open(tmp, "w") as tar:
+            for offset, (key, payload, label) in enumerate(chunk):
+                try:
+                    png = encode(payload)
+                except Exception as exc:  # any decoder failure on untrusted input means "skip it"
+                    skipped.append({"key": key, "error": f"{type(exc).__name__}: {exc}"})
+                    continue
+                finally:
+                    on_item()
+                sample_key = _sample_key(first_index + offset, key)
+                _add_member(tar, f"{sample_key}.png", png)
+                if label is not None:
+                    _add_member(tar, f"{sample_key}.cls", str(label).encode())
+                count += 1
+        record = {
+            "shard": storage.name(tar_url), "count": count, "bytes": tmp.stat().st_size,
+            "sha256": sha256_file(tmp), "skipped": skipped,
+            "params": params, "keys_sha256": keys_digest,
+        }
+    storage.write_text(sidecar, json.dumps(record, indent=1))
     return record
 
 
@@ -148,13 +176,13 @@ def _chunks(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
         yield chunk
 
 
-def _remove_stale_shards(out_dir: Path, dataset: str, shard_count: int) -> None:
+def _remove_stale_shards(out_dir: str, dataset: str, shard_count: int) -> None:
     """Drop shards of an earlier, longer run (e.g. without ``limit``) so globs see only this set."""
     pattern = re.compile(rf"{re.escape(dataset)}-(\d{{6}})\.tar(\.json)?")
-    for path in out_dir.iterdir():
-        match = pattern.fullmatch(path.name)
+    for name in storage.listdir(out_dir):
+        match = pattern.fullmatch(name)
         if match and int(match.group(1)) >= shard_count:
-            path.unlink()
+            storage.remove(storage.join(out_dir, name), missing_ok=True)
 
 
 def auto_shard_size(n_items: int) -> int:
@@ -168,9 +196,10 @@ def write_shards(
     preprocess: str, resolution: int, mode: str, shard_size: int | None = None,
     limit: int | None = None, progress: bool = True,
 ) -> ManifestInfo:
-    """Write ``items`` as shards ``{dataset}-NNNNNN.tar`` plus ``manifest.parquet`` in ``out_dir``.
+    """Write ``items`` as shards ``{dataset}-NNNNNN.tar`` plus ``manifest.parquet`` in ``out_dir``
+    (a local folder or an object-store URI).
 
-    Shards already complete on disk are kept; the manifest is removed first and written last.
+    Shards already complete there are kept; the manifest is removed first and written last.
     ``shard_size`` None: ``auto_shard_size`` of the number of items.
     """
     if preprocess not in PREPROCESSORS:
@@ -184,20 +213,20 @@ def write_shards(
     if shard_size < 1:
         raise ValueError(f"shard_size must be positive, got {shard_size}")
     start = time.perf_counter()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
+    out_dir = storage.resolve(out_dir)
+    storage.check_writable(out_dir)  # a missing bucket or wrong credentials: now, not after shard 1
+    storage.remove(storage.join(out_dir, MANIFEST_NAME), missing_ok=True)
     params = {"format_version": FORMAT_VERSION, "dataset": dataset, "preprocess": preprocess,
               "resolution": resolution, "mode": mode}
     encode = partial(process, preprocess=preprocess, resolution=resolution, mode=mode)
     records, reused = [], 0
     with tqdm(total=total, desc=dataset, unit="img", disable=not progress) as bar:
         for index, chunk in enumerate(_chunks(items, shard_size)):
-            tar_path = out_dir / f"{dataset}-{index:06d}.tar"
+            tar_url = storage.join(out_dir, f"{dataset}-{index:06d}.tar")
             digest = _keys_digest(chunk)
-            record = _reusable_record(tar_path, params, digest)
+            record = _reusable_record(tar_url, params, digest)
             if record is None:
-                record = _write_shard(tar_path, chunk, index * shard_size, encode, params, digest,
+                record = _write_shard(tar_url, chunk, index * shard_size, encode, params, digest,
                                       partial(bar.update, 1))
             else:
                 reused += 1
@@ -304,7 +333,7 @@ def convert_cat2dog(
         raise FileNotFoundError(f"no cat2dog domain folder {list(CAT2DOG_DOMAINS)} in {root}")
     return {
         domain: write_shards(
-            CAT2DOG.reader(root / domain, None), Path(out_dir) / domain,
+            CAT2DOG.reader(root / domain, None), storage.join(out_dir, domain),
             dataset=f"cat2dog-{domain}", source=str(root / domain),
             preprocess=CAT2DOG.preprocess, resolution=resolution or CAT2DOG.resolution,
             mode=_mode(channels, CAT2DOG.mode), shard_size=shard_size, limit=limit, progress=progress,

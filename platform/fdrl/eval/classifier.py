@@ -7,12 +7,9 @@ needs no Inception weights). Training uses a deterministic 90/10 split by sample
 Training can be adversarial (L2 PGD, ``PGDSettings``): a robust classifier has input gradients
 that look like the class, which is what class guidance (``fdrl.core.guidance``) needs.
 
-Registered in MLflow as plain files, never pickles: ``model.safetensors`` (the weights) and
-``config.json`` (architecture, data, accuracy) are artifacts of a run, and a model version of
-the registered model points at that artifact folder, with the sha256 of each file as a version
-tag (as for the FDRL models). ``load_classifier`` reads them back from a local folder, a
-``runs:/`` URI or a ``models:/NAME/VERSION`` / ``models:/NAME@ALIAS`` URI; from ``models:/`` it
-refuses files whose hash is not the registered one.
+Saved as plain files, never pickles: ``model.safetensors`` (the weights) and ``config.json``
+(architecture, data, accuracy). ``fdrl.tracking.classifiers`` registers them in MLflow and loads
+them back hash-checked.
 """
 
 from __future__ import annotations
@@ -20,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 import zlib
 from dataclasses import asdict, dataclass, field
@@ -33,9 +29,6 @@ from torch.nn import functional as F
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
-ARTIFACT_DIR = "classifier"
-DEFAULT_NAME = "fdrl-mnist-classifier"
-DEFAULT_EXPERIMENT = "fdrl-classifiers"
 
 
 # ------------------------------------------------------------------------------------- data
@@ -268,138 +261,22 @@ def save_classifier(model: MnistClassifier, folder: str | os.PathLike,
     return folder
 
 
-def _download(uri: str, tracking_uri: Optional[str], dst: str) -> tuple[Path, Optional[dict], str]:
-    """(local folder, the sha256 tags of the model version or None when ``uri`` is no
-    ``models:/`` URI, a name for messages)."""
-    from mlflow.tracking import MlflowClient
-
-    from fdrl.tracking.tracker import default_tracking_uri
-
-    tracking_uri = tracking_uri or default_tracking_uri()  # the platform's default, as for models
-    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
-    hashes, ref = None, uri
-    if uri.startswith("models:/"):
-        from fdrl.tracking.registry import registered_version
-
-        version, hashes = registered_version(client, uri)
-        ref, uri = f"models:/{version.name}/{version.version}", version.source
-    if uri.startswith("runs:/"):
-        run_id, _, path = uri[len("runs:/"):].partition("/")
-        return Path(client.download_artifacts(run_id, path, dst)), hashes, ref
-    import mlflow.artifacts
-
-    return (Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst,
-                                                     tracking_uri=tracking_uri)), hashes, ref)
-
-
-def load_classifier(uri_or_path: str | os.PathLike,
-                    tracking_uri: Optional[str] = None) -> MnistClassifier:
-    """Load a classifier in eval mode from a folder with model.safetensors + config.json, or from
-    ``models:/NAME/VERSION``, ``models:/NAME@ALIAS``, ``runs:/RUN_ID/classifier`` or an artifact
-    URI (downloaded with MLflow from ``tracking_uri``). Safetensors + JSON only: no unpickling.
-    From ``models:/`` each file must match the sha256 tag of its model version."""
+def classifier_from_bytes(config: bytes, weights: bytes) -> MnistClassifier:
+    """A classifier in eval mode from the bytes of its config.json and model.safetensors."""
     from safetensors.torch import load as load_safetensors_bytes
 
-    text = str(uri_or_path)
-    with tempfile.TemporaryDirectory(prefix="fdrl-clf-") as tmp:
-        hashes, ref = None, text
-        if Path(text).is_dir():
-            folder = Path(text)
-        elif "://" in text or text.startswith(("models:/", "runs:/")):
-            folder, hashes, ref = _download(text, tracking_uri, tmp)
-        else:
-            raise FileNotFoundError(f"classifier not found: {text} (a folder or an MLflow URI)")
-        if not (folder / WEIGHTS_FILE).is_file() or not (folder / CONFIG_FILE).is_file():
-            raise FileNotFoundError(f"{folder} lacks {WEIGHTS_FILE} or {CONFIG_FILE}")
-
-        def read(filename: str) -> bytes:  # the bytes that were checked are the bytes loaded
-            data = (folder / filename).read_bytes()
-            if hashes is None:
-                return data
-            from fdrl.tracking.registry import _check
-
-            return _check(data, f"{ARTIFACT_DIR}/{filename}", hashes.get(f"{ARTIFACT_DIR}/{filename}"), ref)
-
-        doc = json.loads(read(CONFIG_FILE))
-        state = load_safetensors_bytes(read(WEIGHTS_FILE))
+    doc = json.loads(config)
     model = MnistClassifier(ClassifierConfig.from_dict(doc["architecture"]))
-    model.load_state_dict(state)
+    model.load_state_dict(load_safetensors_bytes(weights))
     model.info = {k: v for k, v in doc.items() if k != "architecture"}
     return model.eval()
 
 
-@dataclass
-class Registration:
-    run_id: str
-    name: str
-    version: str
-    source: str
-
-    @property
-    def model_uri(self) -> str:
-        return f"models:/{self.name}/{self.version}"
-
-
-def register_classifier(result: TrainResult, *, tracking_uri: Optional[str] = None,
-                        name: str = DEFAULT_NAME, experiment: str = DEFAULT_EXPERIMENT,
-                        params: Optional[dict] = None, info: Optional[dict] = None,
-                        run_name: Optional[str] = None,
-                        aliases: tuple[str, ...] = ("candidate",)) -> Registration:
-    """Log the classifier as run artifacts (safetensors + JSON), its metrics and params, and
-    register a new version of model ``name`` whose source is that artifact folder, tagged with
-    the held-out accuracy and the sha256 of each file, then point ``aliases`` at it. Unlike training trackers, this fails loudly: a registration job whose
-    model did not get registered should not report success."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    from fdrl.data.writer import sha256_file
-    from fdrl.tracking.registry import TAG
-    from fdrl.tracking.tracker import default_tracking_uri, ensure_experiment, flatten_params, git_commit
-
-    tracking_uri = tracking_uri or default_tracking_uri()
-    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
-    experiment_id = ensure_experiment(experiment, tracking_uri)
-    tags = {"fdrl.kind": "classifier"}
-    commit = git_commit(Path(__file__))
-    if commit:
-        tags["mlflow.source.git.commit"] = commit
-    if info and info.get("manifest_hash"):
-        tags["fdrl.manifest_hash"] = info["manifest_hash"]
-    run = client.create_run(experiment_id, run_name=run_name or name, tags=tags)
-    run_id = run.info.run_id
-    try:
-        for k, v in flatten_params(params or {}).items():
-            client.log_param(run_id, k, v)
-        for h in result.history:
-            client.log_metric(run_id, "heldout_accuracy", h["heldout_accuracy"], step=h["epoch"])
-            client.log_metric(run_id, "train_loss", h["loss"], step=h["epoch"])
-        client.log_metric(run_id, "heldout_accuracy", result.heldout_accuracy,
-                          step=len(result.history))
-        client.log_metric(run_id, "train_accuracy", result.train_accuracy)
-        client.log_metric(run_id, "train_seconds", result.seconds)
-        extra = {"heldout_accuracy": result.heldout_accuracy, "n_train": result.n_train,
-                 "n_heldout": result.n_heldout, "run_id": run_id, **(info or {})}
-        with tempfile.TemporaryDirectory(prefix="fdrl-clf-") as tmp:
-            folder = save_classifier(result.model, Path(tmp) / ARTIFACT_DIR, extra)
-            hashes = {f"{TAG}{ARTIFACT_DIR}/{f.name}": sha256_file(f) for f in folder.iterdir()}
-            client.log_artifacts(run_id, str(folder), ARTIFACT_DIR)
-        try:
-            client.create_registered_model(
-                name, description="image classifier (safetensors + JSON): features for metrics, class guidance")
-        except MlflowException as err:
-            if err.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
-        source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{ARTIFACT_DIR}"
-        version = client.create_model_version(
-            name, source, run_id=run_id,
-            tags={"heldout_accuracy": f"{result.heldout_accuracy:.4f}",
-                  "format": "safetensors+json", **hashes},
-            description=f"held-out accuracy {result.heldout_accuracy:.4f} on "
-                        f"{result.n_heldout} samples")
-    except BaseException:
-        client.set_terminated(run_id, "FAILED")
-        raise
-    for alias in aliases:  # after the hash tags: a version reachable by alias can be verified
-        client.set_registered_model_alias(name, alias, str(version.version))
-    client.set_terminated(run_id, "FINISHED")
-    return Registration(run_id, name, str(version.version), source)
+def load_classifier(folder: str | os.PathLike) -> MnistClassifier:
+    """A classifier saved by ``save_classifier`` (model.safetensors + config.json), in eval mode.
+    Registered classifiers (models:/...) load through ``fdrl.tracking.classifiers``."""
+    folder = Path(folder)
+    if not (folder / WEIGHTS_FILE).is_file() or not (folder / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"classifier not found: {folder} lacks {WEIGHTS_FILE} or {CONFIG_FILE} "
+                                "(train one with jobs/train_classifier.py, or pass models:/NAME@ALIAS)")
+    return classifier_from_bytes((folder / CONFIG_FILE).read_bytes(), (folder / WEIGHTS_FILE).read_bytes())

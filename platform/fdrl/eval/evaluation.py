@@ -6,16 +6,17 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
-from fdrl.eval.classifier import load_classifier, load_labeled, save_classifier, train_classifier
-from fdrl.data.manifest import ShardSet
-from fdrl.data.stream import ShardStream
-from fdrl.eval.metrics import kid
+from fdrl.core.chunks import chunk_seed
 from fdrl.core.flow import FlowSettings
-from fdrl.core.sampler import chunk_seed, sample
+from fdrl.core.sampler import sample
+from fdrl.data.manifest import ShardSet
+from fdrl.data.stream import ShardStream, shard_batches
+from fdrl.eval.classifier import MnistClassifier, load_labeled, save_classifier, train_classifier
+from fdrl.eval.metrics import kid
 
 KID_SUBSETS = 20
 
@@ -23,9 +24,8 @@ KID_SUBSETS = 20
 class DomainKID:
     """KID of ``n`` EMA samples (K + kappa flow steps, fixed seed) against ``n`` real images."""
 
-    def __init__(self, classifier: str, shard_set: ShardSet, n: int, seed: int,
-                 device, tracking_uri: Optional[str] = None):
-        self.features = load_classifier(classifier, tracking_uri).to(device).features
+    def __init__(self, classifier: MnistClassifier, shard_set: ShardSet, n: int, seed: int, device):
+        self.features = classifier.to(device).features
         self.n, self.seed, self.device = n, seed, device
         real = next(ShardStream(shard_set, 0, 1, seed=seed).batches(n)).to(device)
         with torch.no_grad():
@@ -42,17 +42,25 @@ class DomainKID:
         return mean
 
 
-def ensure_classifier(shard_dir: str | Path, storage: Path, manifest: str, epochs: int = 6) -> str:
-    """A feature classifier for this dataset, trained once per manifest and kept as a folder."""
-    folder = storage / "classifiers" / manifest[:16]
-    if (folder / "model.safetensors").exists():
-        return str(folder)
+def ensure_classifier(shard_dir: str, root: str, manifest: str, epochs: int = 6) -> str:
+    """A feature classifier for this dataset, trained once per manifest and kept as a folder
+    under ``root`` (a folder or an object-store URI)."""
+    import tempfile
+
+    from fdrl.data import storage
+
+    folder = storage.join(str(root), "classifiers", manifest[:16])
+    if storage.is_file(storage.join(folder, "model.safetensors")):
+        return folder
     images, labels, keys = load_labeled(shard_dir)
     result = train_classifier(images, labels, keys, epochs=epochs, log=None)
-    save_classifier(result.model, folder, {"heldout_accuracy": result.heldout_accuracy})
+    with tempfile.TemporaryDirectory() as tmp:
+        local = save_classifier(result.model, Path(tmp) / "clf",
+                                {"heldout_accuracy": result.heldout_accuracy})
+        storage.put_dir(local, folder)
     print(f"feature classifier: held-out accuracy {result.heldout_accuracy:.4f} "
           f"({result.seconds:.0f} s) -> {folder}")
-    return str(folder)
+    return folder
 
 
 # ------------------------------------------------------------------ offline model evaluation
@@ -68,18 +76,13 @@ class DomainReference:
     real_b: torch.Tensor  # n other images: the real-vs-real baseline
 
 
-def domain_reference(data: str | Path, n: int, seed: int, storage: Path, classifier: Optional[str] = None,
-                     tracking_uri: Optional[str] = None) -> DomainReference:
-    """All images of ``data``, two disjoint seeded sets of ``n``, and the feature map of
-    ``classifier`` (default: the dataset's own, trained once per manifest under ``storage``)."""
-    from fdrl.data.manifest import manifest_hash
-    from fdrl.eval.metrics import shard_batches
-
+def domain_reference(data: str | Path, n: int, seed: int,
+                     classifier: MnistClassifier) -> DomainReference:
+    """All images of ``data``, two disjoint seeded sets of ``n``, and ``classifier``'s features."""
     train = torch.cat(list(shard_batches(data)))
     if len(train) < 2 * n:
         raise ValueError(f"{data} has {len(train)} images; need 2 x --n = {2 * n}")
-    classifier = classifier or ensure_classifier(data, storage, manifest_hash(data))
-    features = load_classifier(classifier, tracking_uri).features
+    features = classifier.features
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
     return DomainReference(features, train, train[order[:n]], train[order[n:2 * n]])
 

@@ -4,7 +4,8 @@ Feature sets stream into ``FeatureStats``: the float64 ``Moments`` (count, sum x
 the Fréchet distance plus the first ``keep`` raw feature rows for KID. Both merge in order, so
 partial statistics from many workers combine into the same result as one pass. Reference
 statistics of a shard set are cached per (manifest hash, weights sha256, sample limit) as a
-safetensors file (no pickle); ``fdrl.distributed.fid`` adds the MLflow artifact copy and Ray.
+safetensors file (no pickle). ``FeatureWorker`` and its work functions are what each actor of a
+Ray fan-out runs; ``fdrl.workflows.standard_fid`` puts them together.
 """
 
 from __future__ import annotations
@@ -17,7 +18,12 @@ from typing import Callable, Iterable, Optional
 import torch
 from safetensors.torch import load_file, save_file
 
+from fdrl.core.chunks import CHUNK
 from fdrl.core.priors import Moments
+from fdrl.core.sampler import ChunkSampler
+from fdrl.data.manifest import ShardSet
+from fdrl.data.stream import StreamStats, iter_samples
+from fdrl.eval.inception import FEATURE_DIM
 from fdrl.eval.metrics import frechet_distance_from_moments, kid
 
 KID_KEEP = 2000  # raw feature rows kept per set for KID (2000 x 2048 x 4 B = 16 MB)
@@ -108,26 +114,56 @@ def reference_key(manifest: str, weights_sha256: str, limit: Optional[int] = Non
     return f"fidref-{manifest[:16]}-{weights_sha256[:12]}-{'all' if limit is None else f'n{limit}'}"
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("FDRL_HOME") or os.getcwd()).expanduser().resolve() / "fid_cache"
+# ---------------------------------------------------------------- work of a fan-out's actors
+
+ITEM_IMAGES = CHUNK  # real images per work item: many items even from a few large shards
 
 
-def reference_stats(shard_dir: str | os.PathLike, features, *, limit: Optional[int] = None,
-                    cache_dir: Optional[str | os.PathLike] = None,
-                    compute: Optional[Callable[[], FeatureStats]] = None,
-                    ) -> tuple[FeatureStats, Path, bool]:
-    """A shard set's reference statistics, from the local cache or computed and cached.
+class FeatureWorker:
+    """The Inception on one device, and, for generated images, a model's chunk sampler: what each
+    actor of an FID fan-out holds. ``model``: (net, prior, pairing, flow settings)."""
 
-    ``features`` is an ``InceptionFeatures`` (its ``weights_sha256`` is part of the key);
-    ``compute`` replaces the single-process pass (``fdrl.distributed.fid`` passes Ray's).
-    Returns (stats, cache file, whether it was already cached)."""
-    from fdrl.data.manifest import manifest_hash
-    from fdrl.eval.metrics import shard_batches
+    def __init__(self, device, weights: Optional[str] = None, model: Optional[tuple] = None):
+        from fdrl.eval.inception import InceptionFeatures
 
-    key = reference_key(manifest_hash(shard_dir), features.weights_sha256, limit)
-    path = Path(cache_dir or default_cache_dir()) / f"{key}.safetensors"
-    if path.is_file():
-        return FeatureStats.load(path), path, True
-    stats = compute() if compute is not None else \
-        feature_stats(features, shard_batches(shard_dir, 64, limit=limit), limit=limit)
-    return stats, stats.save(path), False
+        self.features = InceptionFeatures(weights, device)
+        self.sampler = None if model is None else ChunkSampler(device, *model)
+
+
+def shard_items(shard_set: ShardSet, limit: Optional[int] = None,
+                start: int = 0) -> tuple[list[tuple], list[int]]:
+    """Work items (shard set, shard, skip, take) covering images start .. start + limit in
+    manifest order, and their sizes."""
+    end = shard_set.total if limit is None else min(start + limit, shard_set.total)
+    if end <= start:
+        raise ValueError(f"{shard_set.root} has {shard_set.total} images: none from index {start}")
+    items, sizes, offset = [], [], 0
+    for name, count in zip(shard_set.shards, shard_set.counts):
+        lo, hi = max(start, offset), min(end, offset + count)
+        for piece in range(lo, hi, ITEM_IMAGES):
+            take = min(ITEM_IMAGES, hi - piece)
+            items.append((shard_set, name, piece - offset, take))
+            sizes.append(take)
+        offset += count
+    return items, sizes
+
+
+def shard_features(worker: FeatureWorker, item: tuple) -> torch.Tensor:
+    """Features of samples skip .. skip + take of one shard (in shard order)."""
+    shard_set, name, skip, take = item
+    images = []
+    for seen, (_, _, image) in enumerate(iter_samples(shard_set, StreamStats(), [name])):
+        if seen >= skip + take:
+            break
+        if seen >= skip:
+            images.append(image)
+    if not images:
+        return torch.empty(0, FEATURE_DIM)
+    return worker.features(torch.stack(images))
+
+
+def chunk_features(worker: FeatureWorker, item: tuple) -> torch.Tensor:
+    """Features of one chunk of generated samples: ``item`` is (seed, index, size, steps)."""
+    seed, index, size, steps = item
+    x = worker.sampler.draw(seed, index, size, steps=steps)
+    return worker.features(x.clamp(-1, 1))

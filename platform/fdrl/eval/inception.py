@@ -8,7 +8,7 @@ equals ``PINNED_SHA256``; the package's own code (which may fetch URLs) is never
 explicit path (``--fid-weights`` / ``$FDRL_FID_WEIGHTS``) may instead name torch-fidelity's
 ``weights-inception-2015-12-05-6726825d.pth`` (pytorch-fid's state dict); its tensors are mapped
 onto the same TorchScript graph (``TORCH_FIDELITY_NAMES``), read with ``weights_only=True``.
-No logits head in either case here, so no Inception Score (IS stays on the torch-fidelity path).
+No logits head in either case, so no Inception Score.
 
 Preprocessing is the TF reference's (TTUR ``fid.py``, which torch-fidelity and StyleGAN2-ADA's
 metrics reproduce): uint8 RGB (grey repeated to 3 channels, floats in [-1, 1] quantised to uint8),
@@ -36,6 +36,7 @@ PACKAGED_NAME = "default_1.pt"
 FID_WEIGHTS_ENV = "FDRL_FID_WEIGHTS"
 FEATURE_DIM = 2048
 SIZE = 299
+TORCH_FIDELITY_NAME = "weights-inception-2015-12-05-6726825d.pth"
 SUB_BATCH = 32  # images per forward pass: bounds memory at 299^2 (32 x 3 x 299^2 x 4 B = 34 MB)
 
 
@@ -51,13 +52,17 @@ def packaged_weights_path() -> Path:
 
 
 def resolve_weights(path: Optional[str | os.PathLike] = None) -> Path:
-    """``path``, else $FDRL_FID_WEIGHTS, else the packaged file."""
-    if path:
-        chosen = Path(path).expanduser()
-    elif os.environ.get(FID_WEIGHTS_ENV):
-        chosen = Path(os.environ[FID_WEIGHTS_ENV]).expanduser()
-    else:
-        chosen = packaged_weights_path()
+    """``path``, else $FDRL_FID_WEIGHTS, else the packaged file. An object-store URI is
+    downloaded once per node (``storage.node_copy``)."""
+    from fdrl.data import storage
+
+    given = path or os.environ.get(FID_WEIGHTS_ENV)
+    if given and storage.is_uri(given):
+        try:
+            return storage.node_copy(given)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"FID Inception weights not found: {given}") from None
+    chosen = Path(given).expanduser() if given else packaged_weights_path()
     if not chosen.is_file():
         raise FileNotFoundError(f"FID Inception weights not found: {chosen}")
     return chosen
@@ -113,8 +118,6 @@ def _load_scripted(path: Path) -> torch.jit.ScriptModule:
 
 def _load_state_dict_into_script(path: Path) -> torch.jit.ScriptModule:
     """torch-fidelity's .pth mapped onto the pinned TorchScript graph (same TF network)."""
-    from fdrl.eval.metrics import check_inception_weights
-
     check_inception_weights(path)  # keys/shapes, loadable with weights_only=True
     state = torch.load(path, map_location="cpu", weights_only=True)
     module = _load_scripted(packaged_weights_path())
@@ -139,6 +142,44 @@ def _load_state_dict_into_script(path: Path) -> torch.jit.ScriptModule:
     if missing:
         raise ValueError(f"{path}: no tensors for {sorted(missing)[:3]}...")
     return module
+
+
+# Characteristic tensors of torch-fidelity's FeatureExtractorInceptionV3 state dict (the same key
+# names and shapes as pytorch-fid's FID Inception): the stem conv, its batch norm, the last
+# Inception block's pool branch and the 1008-way logits layer of the 2015 TF graph.
+INCEPTION_KEYS = {
+    "Conv2d_1a_3x3.conv.weight": (32, 3, 3, 3),
+    "Conv2d_1a_3x3.bn.running_mean": (32,),
+    "Conv2d_1a_3x3.bn.running_var": (32,),
+    "Mixed_5b.branch1x1.conv.weight": (64, 192, 1, 1),
+    "Mixed_7c.branch_pool.conv.weight": (192, 2048, 1, 1),
+    "fc.weight": (1008, 2048),
+    "fc.bias": (1008,),
+}
+
+
+def check_inception_weights(path: str | os.PathLike) -> None:
+    """Raise ValueError unless ``path`` is a safely loadable state dict with the Inception keys.
+
+    It loads under the restricted ``weights_only=True`` unpickler, so checking runs no code."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(
+            f"{path} is not a loadable PyTorch weights file ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}); expected {TORCH_FIDELITY_NAME}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} does not hold a state dict of tensors; expected {TORCH_FIDELITY_NAME}")
+    problems = []
+    for key, shape in INCEPTION_KEYS.items():
+        if key not in state:
+            problems.append(f"missing {key}")
+        elif tuple(state[key].shape) != shape:
+            problems.append(f"{key} has shape {tuple(state[key].shape)}, expected {shape}")
+    if problems:
+        raise ValueError(f"{path} is not the FID Inception state dict ({TORCH_FIDELITY_NAME}): "
+                         + "; ".join(problems))
 
 
 def load_inception(path: Optional[str | os.PathLike] = None) -> tuple[torch.jit.ScriptModule, str]:

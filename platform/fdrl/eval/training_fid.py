@@ -11,26 +11,25 @@ from typing import Optional
 
 import torch
 
+from fdrl.core.chunks import chunks
 from fdrl.core.flow import FlowSettings
-from fdrl.core.sampler import chunks, sample_chunk
-from fdrl.eval.fid import FeatureStats, fid, reference_stats
+from fdrl.core.sampler import sample_chunk
+from fdrl.eval.fid import FeatureStats, fid
 from fdrl.eval.inception import InceptionFeatures
 
 FID_SEED_OFFSET = 54321  # its own seed, apart from training and grid draws
 
 
 class TrainingFID:
-    def __init__(self, shard_dir: str | Path, n: int, seed: int, every: int, device="cpu",
-                 weights: Optional[str] = None, reference: Optional[str] = None, threads: int = 0):
+    def __init__(self, reference: str | Path, n: int, seed: int, every: int, device="cpu",
+                 weights: Optional[str] = None, threads: int = 0):
+        """``reference``: the statistics file the launcher prepared (a local copy)."""
         if n < 2:
             raise ValueError(f"fid_samples must be >= 2, got {n}")
         self.n, self.seed, self.every, self.device = n, seed + FID_SEED_OFFSET, every, device
         self.threads = threads  # CPU threads while computing (the other ranks wait at a collective)
         self.features = InceptionFeatures(weights or None, device)
-        if reference and Path(reference).is_file():
-            self.reference = FeatureStats.load(reference)
-        else:  # not prepared by the launcher: compute here once (cached for the next run)
-            self.reference, _, _ = reference_stats(shard_dir, self.features, limit=n)
+        self.reference = FeatureStats.load(reference)
         self.seconds = 0.0
 
     def due(self, step: int, final: bool, have_value: bool = True) -> bool:

@@ -21,7 +21,7 @@ def fetch_reference(key: str, dest_dir: str | Path, tracking_uri: Optional[str] 
     """Download the statistics stored under ``key`` into ``dest_dir``; None when there are none."""
     from mlflow.tracking import MlflowClient
 
-    from fdrl.tracking.tracker import default_tracking_uri
+    from fdrl.tracking.backend import default_tracking_uri
 
     uri = tracking_uri or default_tracking_uri()
     try:

@@ -21,7 +21,7 @@ class GeneratorSampler(PythonModel):
 
         from safetensors.torch import load_file
 
-        from fdrl.tracking.generators import build_generator
+        from fdrl.core.generator_model import build_generator
 
         a = context.artifacts
         config = json.loads(Path(a["generator.json"]).read_text())
@@ -32,7 +32,7 @@ class GeneratorSampler(PythonModel):
         import torch
 
         from fdrl.core.dgflow import Pushforward
-        from fdrl.core.sampler import chunk_seed, chunks
+        from fdrl.core.chunks import chunk_seed, chunks
 
         m = self.model
         prior = Pushforward(m.generator, m.latent_dim, m.data_shape)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -26,81 +25,12 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save_file
 from torch import nn
 
-from fdrl.core.dgflow import Logit
-from fdrl.core.generator_nets import build_net
-from fdrl.data.hashing import sha256_file
-from fdrl.tracking.registry import (ARTIFACT_DIR, TAG, TamperedArtifactError, _client,
-                                    _pip_requirements, verified_version)
+from fdrl.core.generator_model import GeneratorModel, build_generator, check_config
+from fdrl.tracking.registry import (ARTIFACT_DIR, TAG, TamperedArtifactError, register_verified,
+                                    verified_version)
 
-KINDS = ("gan", "vae", "flow")
-ROLES = ("generator", "discriminator", "encoder", "corrector")
 CONFIG = "generator.json"
 CODE = Path(__file__).with_name("generator_pyfunc.py")
-
-
-@dataclass
-class GeneratorModel:
-    kind: str
-    latent_dim: int
-    data_shape: tuple
-    nets: dict[str, nn.Module]  # role -> module, eval mode, no parameter gradients
-    specs: dict[str, dict]
-    info: dict = field(default_factory=dict)
-    name: str = ""
-    version: str = ""
-    run_id: str = ""
-
-    @property
-    def generator(self) -> nn.Module:
-        return self.nets["generator"]
-
-    def logit(self, use_corrector: bool = True) -> Logit:
-        """The logit d (+ d_lambda): log of the ratio generator/data is its negative."""
-        corrector = self.nets.get("corrector") if use_corrector else None
-        if "discriminator" not in self.nets and corrector is None:
-            raise ValueError(f"{self.ref} ({self.kind}) has no discriminator and no density-ratio "
-                             "corrector: train one with jobs/train_corrector.py")
-        disc = self.nets.get("discriminator")
-        if disc is None:  # a corrector trained from scratch is the whole logit
-            return Logit(corrector)
-        if corrector is None and self.specs["discriminator"].get("out_dim", 1) != 1:
-            raise ValueError(f"{self.ref} has a vector-valued critic; DGflow needs its "
-                             "density-ratio corrector (jobs/train_corrector.py)")
-        if corrector is not None and self.specs["discriminator"].get("out_dim", 1) != 1:
-            return Logit(corrector)  # the corrector reads the ratio on its own
-        return Logit(disc, corrector)
-
-    @property
-    def ref(self) -> str:
-        return f"models:/{self.name}/{self.version}" if self.name else "this generator"
-
-
-def check_config(config: dict, nets: dict) -> None:
-    if config.get("kind") not in KINDS:
-        raise ValueError(f"unknown generator kind {config.get('kind')!r}; valid: {', '.join(KINDS)}")
-    unknown = set(nets) - set(ROLES)
-    if unknown or "generator" not in nets:
-        raise ValueError(f"networks must include 'generator' and be among {', '.join(ROLES)}; "
-                         f"got {', '.join(sorted(nets))}")
-    if config["kind"] == "vae" and "encoder" not in nets:
-        raise ValueError("a vae needs its encoder next to the decoder ('generator')")
-    latent = int(config["latent_dim"])
-    in_shape = tuple(getattr(nets["generator"], "in_shape", (latent,)))
-    if in_shape != (latent,):
-        raise ValueError(f"latent dimension mismatch: the config says {latent}, the generator "
-                         f"takes {in_shape}")
-
-
-def build_generator(config: dict, weights: dict[str, dict[str, torch.Tensor]]) -> GeneratorModel:
-    """Rebuild every network from its spec and weights (the one place loaders build models)."""
-    nets = {}
-    for role, spec in config["nets"].items():
-        net = build_net(spec)
-        net.load_state_dict(weights[role])
-        nets[role] = net.eval().requires_grad_(False)
-    check_config(config, nets)
-    return GeneratorModel(config["kind"], int(config["latent_dim"]), tuple(config["data_shape"]),
-                          nets, dict(config["nets"]), dict(config.get("info", {})))
 
 
 def save_generator(out_dir: str | Path, kind: str, latent_dim: int, data_shape: Sequence[int],
@@ -137,40 +67,25 @@ def _load(data: bytes) -> dict[str, torch.Tensor]:
 def log_generator(run_id: str, name: str, kind: str, latent_dim: int, data_shape: Sequence[int],
                   nets: dict[str, tuple[dict, nn.Module]], info: Optional[dict] = None,
                   tracking_uri: Optional[str] = None, aliases: Sequence[str] = ("candidate",)):
-    """Log the networks as one pyfunc model of run ``run_id``, register it as a new version of
-    ``name``, tag every file's sha256, then set ``aliases``. Returns the ``ModelVersion``."""
-    import mlflow
+    """Log the networks as one pyfunc model of run ``run_id`` and register it
+    (``registry.register_verified``). Returns the ``ModelVersion``."""
+    import numpy as np
     import pandas as pd
     from mlflow.models import ModelSignature
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
     from mlflow.types import ColSpec, Schema, TensorSpec
-    import numpy as np
 
-    from fdrl.tracking.tracker import default_tracking_uri
-
-    tracking_uri = tracking_uri or default_tracking_uri()
     with tempfile.TemporaryDirectory(prefix="fdrl-generator-") as tmp:
         files = save_generator(tmp, kind, latent_dim, data_shape, nets, info)
-        hashes = {f"{ARTIFACT_DIR}/{n}": sha256_file(p) for n, p in files.items()}
-        hashes[CODE.name] = sha256_file(CODE)
         signature = ModelSignature(
             inputs=Schema([ColSpec("long", "n"), ColSpec("long", "seed")]),
             outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *data_shape))]))
-        with _use_tracking_uri(tracking_uri), mlflow.start_run(run_id=run_id):
-            logged = mlflow.pyfunc.log_model(
-                name=name, python_model=str(CODE), artifacts={n: str(p) for n, p in files.items()},
-                signature=signature, input_example=pd.DataFrame({"n": [1], "seed": [0]}),
-                pip_requirements=_pip_requirements(), registered_model_name=name,
-                metadata={"fdrl_generator_kind": kind, "roles": sorted(nets)})
-    version = str(logged.registered_model_version)
-    client = _client(tracking_uri)
-    tags = {**{TAG + k: v for k, v in hashes.items()}, "fdrl.kind": kind,
-            "fdrl.roles": ",".join(sorted(nets)), "fdrl.latent_dim": str(latent_dim)}
-    for key, value in tags.items():  # hashes before aliases, as for FDRL models
-        client.set_model_version_tag(name, version, key, value)
-    for alias in aliases:
-        client.set_registered_model_alias(name, alias, version)
-    return client.get_model_version(name, version)
+        return register_verified(
+            run_id, name, list(files.values()), CODE, signature=signature,
+            input_example=pd.DataFrame({"n": [1], "seed": [0]}),
+            metadata={"fdrl_generator_kind": kind, "roles": sorted(nets)},
+            tags={"fdrl.kind": kind, "fdrl.roles": ",".join(sorted(nets)),
+                  "fdrl.latent_dim": str(latent_dim)},
+            tracking_uri=tracking_uri, aliases=aliases)
 
 
 def load_generator(uri: str, tracking_uri: Optional[str] = None) -> GeneratorModel:

@@ -21,17 +21,17 @@ from mlflow.pyfunc import PythonModel
 
 class FDRLSampler(PythonModel):
     def load_context(self, context):
-        from fdrl.tracking.registry import build_model_from_files
+        from fdrl.tracking.registry import CONFIG, PRIOR, WEIGHTS, build_model_from_files
 
-        a = context.artifacts
-        self.net, self.prior, self.config = build_model_from_files(
-            a["weights"], a.get("prior"), a["config"])
+        a = context.artifacts  # keyed by file name
+        self.net, self.prior, self.config = build_model_from_files(a[WEIGHTS], a.get(PRIOR), a[CONFIG])
 
     # A DataFrame hint: MLflow keeps the explicit signature (n, seed) instead of inferring one.
     def predict(self, context, model_input: pd.DataFrame, params=None) -> np.ndarray:
         from fdrl.core.divergences import get_pairing
         from fdrl.core.flow import FlowSettings
-        from fdrl.core.sampler import CHUNK, sample
+        from fdrl.core.chunks import CHUNK
+        from fdrl.core.sampler import sample
 
         if self.prior is None:  # a translation model: its prior is the source images
             raise ValueError("a translation model samples only from given source images: "

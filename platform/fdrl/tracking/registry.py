@@ -42,9 +42,10 @@ from fdrl.config import TrainConfig
 from fdrl.core.divergences import Pairing, get_pairing
 from fdrl.core.networks import build_network
 from fdrl.core.priors import Prior, model_prior
+from fdrl.data import storage
 from fdrl.data.hashing import sha256_file
 from fdrl.core.flow import FlowSettings
-from fdrl.core.sampler import CHUNK
+from fdrl.core.chunks import CHUNK
 
 log = logging.getLogger("fdrl.registry")
 
@@ -95,7 +96,7 @@ def build_model_from_files(weights: str | Path, prior: Optional[str | Path],
 def _client(tracking_uri: Optional[str]):
     from mlflow.tracking import MlflowClient
 
-    from fdrl.tracking.tracker import default_tracking_uri
+    from fdrl.tracking.backend import default_tracking_uri
 
     return MlflowClient(tracking_uri or default_tracking_uri())
 
@@ -127,19 +128,44 @@ def _pip_requirements() -> list[str]:
             f"safetensors=={safetensors.__version__}", "numpy", "pandas"]
 
 
+def register_verified(run_id: str, name: str, files: Sequence[Path], code: Path, *, signature,
+                      input_example, metadata: dict, tags: dict, tracking_uri: Optional[str] = None,
+                      aliases: Sequence[str] = ("candidate",)):
+    """The one register-and-verify path of every model kind (FDRL models, generators, classifiers):
+    log ``files`` as the artifacts of a pyfunc "model from code" (``code``) in run ``run_id``,
+    register it as a new version of ``name``, tag the sha256 of every file (and of ``code``, which
+    pyfunc executes), then ``tags``, and only then point ``aliases`` at it, so a version reachable
+    by alias always carries its tamper check. Returns the ``ModelVersion``."""
+    import mlflow
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    from fdrl.tracking.backend import default_tracking_uri
+
+    tracking_uri = tracking_uri or default_tracking_uri()
+    hashes = {f"{ARTIFACT_DIR}/{Path(p).name}": sha256_file(p) for p in files}
+    hashes[code.name] = sha256_file(code)
+    with _use_tracking_uri(tracking_uri), mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name=name, python_model=str(code), artifacts={Path(p).name: str(p) for p in files},
+            signature=signature, input_example=input_example, pip_requirements=_pip_requirements(),
+            registered_model_name=name, metadata=metadata)
+    version = str(info.registered_model_version)
+    client = _client(tracking_uri)
+    for key, value in {**{TAG + k: v for k, v in hashes.items()}, **tags}.items():
+        client.set_model_version_tag(name, version, key, str(value))
+    for alias in aliases:
+        client.set_registered_model_alias(name, alias, version)
+    return client.get_model_version(name, version)
+
+
 def log_fdrl_model(run_id: str, checkpoint_dir: str | Path, prior_path: Optional[str | Path],
                    config: dict, name: str, tracking_uri: Optional[str] = None,
                    aliases: Sequence[str] = ("candidate",)):
     """Log the EMA network of ``checkpoint_dir`` with its prior and config as one pyfunc model in
-    run ``run_id``, register it as a new version of ``name``, record the sha256 tags, then set
-    ``aliases``. Returns the ``ModelVersion``. ``prior_path`` is None for uniform/gaussian."""
-    import mlflow
+    run ``run_id`` and register it (``register_verified``). Returns the ``ModelVersion``.
+    ``prior_path`` is None for uniform/gaussian."""
     import pandas as pd
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
-    from fdrl.tracking.tracker import default_tracking_uri
-
-    tracking_uri = tracking_uri or default_tracking_uri()
     checkpoint_dir = Path(checkpoint_dir)
     cfg = TrainConfig.from_dict(config)
     meta_path = checkpoint_dir / "meta.json"
@@ -149,45 +175,30 @@ def log_fdrl_model(run_id: str, checkpoint_dir: str | Path, prior_path: Optional
         files = {"weights": stage / WEIGHTS, "config": stage / CONFIG}
         shutil.copyfile(checkpoint_dir / WEIGHTS, files["weights"])
         files["config"].write_text(json.dumps(cfg.to_dict(), indent=1, sort_keys=True))
-        if prior_path:
+        if prior_path:  # a local path or a URI
             files["prior"] = stage / PRIOR
-            shutil.copyfile(prior_path, files["prior"])
+            storage.get_file(prior_path, files["prior"])
         elif cfg.prior not in ("uniform", "gaussian", "source"):
             raise ValueError(f"prior {cfg.prior!r} is fitted: pass its .safetensors file")
         # Fail here, before anything is registered, if weights, prior and config do not fit.
         net, _, _ = build_model_from_files(files["weights"], files.get("prior"), files["config"])
-        hashes = {f"{ARTIFACT_DIR}/{p.name}": sha256_file(p) for p in files.values()}
-        hashes[SAMPLER_CODE.name] = sha256_file(SAMPLER_CODE)  # pyfunc executes this file
-
         example = (pd.DataFrame({"n": [1], "seed": [0]}), {"flow_steps": 1, "extra_steps": 0})
-        with _use_tracking_uri(tracking_uri), mlflow.start_run(run_id=run_id):
-            info = mlflow.pyfunc.log_model(
-                name=name, python_model=str(SAMPLER_CODE),
-                artifacts={k: str(p) for k, p in files.items()},
-                signature=_signature(cfg, net.in_shape), input_example=example,
-                pip_requirements=_pip_requirements(), registered_model_name=name,
-                metadata={"fdrl_step": step, "fdrl_arch": cfg.arch, "fdrl_pairing": cfg.pairing})
-    version = str(info.registered_model_version)
-    client = _client(tracking_uri)
-    # Hashes before aliases: a version reachable by alias always carries its tamper check.
-    tags = {**{TAG + k: v for k, v in hashes.items()},
-            "fdrl.step": str(step), "fdrl.arch": cfg.arch, "fdrl.pairing": cfg.pairing,
-            "fdrl.prior": cfg.prior, "fdrl.dataset": cfg.dataset}
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, value)
-    for alias in aliases:
-        client.set_registered_model_alias(name, alias, version)
-    return client.get_model_version(name, version)
+        return register_verified(
+            run_id, name, list(files.values()), SAMPLER_CODE,
+            signature=_signature(cfg, net.in_shape), input_example=example,
+            metadata={"fdrl_step": step, "fdrl_arch": cfg.arch, "fdrl_pairing": cfg.pairing},
+            tags={"fdrl.step": str(step), "fdrl.arch": cfg.arch, "fdrl.pairing": cfg.pairing,
+                  "fdrl.prior": cfg.prior, "fdrl.dataset": cfg.dataset},
+            tracking_uri=tracking_uri, aliases=aliases)
 
 
-def register_trained(cfg: TrainConfig, checkpoint_dir: str | Path) -> Optional[str]:
-    """The training hook: register the final checkpoint as ``candidate``; returns its models:/ URI.
-    A finished training must not fail here, so every error becomes a warning and None."""
-    if not cfg.mlflow_run_id:
-        return None
+def register_trained(cfg: TrainConfig, run_id: str, checkpoint_dir: str | Path) -> Optional[str]:
+    """The training hook: register the final checkpoint of run ``run_id`` as ``candidate``;
+    returns its models:/ URI. A finished training must not fail here, so every error becomes a
+    warning and None."""
     name = cfg.register_name or f"fdrl-{cfg.dataset}"
     try:
-        mv = log_fdrl_model(cfg.mlflow_run_id, checkpoint_dir, cfg.prior_path or None,
+        mv = log_fdrl_model(run_id, checkpoint_dir, cfg.prior_path or None,
                             cfg.to_dict(), name, cfg.tracking_uri or None)
     except Exception as err:  # noqa: BLE001 - any failure only costs the registration
         log.warning("could not register the model as %r (%s: %s); the checkpoint is still at %s",
@@ -204,6 +215,32 @@ def promote(name: str, version: str | int, alias: str = "champion",
     mv = _resolve(client, name, version=str(version))
     client.set_registered_model_alias(name, alias, mv.version)
     return client.get_model_version(name, mv.version)
+
+
+def record_evaluation(name: str, version: str, run_id: str, metrics: dict[str, float],
+                      tracking_uri: Optional[str] = None) -> None:
+    """Tag the model version with its evaluation run and final metrics (``eval_<metric>``)."""
+    client = _client(tracking_uri)
+    client.set_model_version_tag(name, version, "eval_run_id", run_id or "")
+    for metric, value in metrics.items():
+        client.set_model_version_tag(name, version, f"eval_{metric}", f"{value:.6g}")
+
+
+def promote_if_better(name: str, version: str, metric: str, value: float,
+                      tracking_uri: Optional[str] = None) -> bool:
+    """Point ``champion`` at ``version`` when ``value`` (lower is better) beats the champion's
+    recorded ``eval_<metric>`` (or there is no champion yet). Returns whether it moved."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client(tracking_uri)
+    try:
+        best = float(client.get_model_version_by_alias(name, "champion").tags.get(f"eval_{metric}", "inf"))
+    except MlflowException:  # no champion yet
+        best = float("inf")
+    if value < best:
+        promote(name, version, "champion", tracking_uri)
+        return True
+    return False
 
 
 # ---------------------------------------------------------------- loading
@@ -295,7 +332,7 @@ def verified_version(uri: str, tracking_uri: Optional[str] = None) -> Iterator[V
     into a temporary folder, for reading through ``VerifiedVersion.read``."""
     from mlflow.artifacts import download_artifacts
 
-    from fdrl.tracking.tracker import default_tracking_uri
+    from fdrl.tracking.backend import default_tracking_uri
 
     tracking_uri = tracking_uri or default_tracking_uri()
     client = _client(tracking_uri)

@@ -1,5 +1,5 @@
-"""The results of a sweep: one row per trial, written as CSV, Markdown and a plot, trial MLflow runs
-closed with their table status, and the best trial registered."""
+"""The results of a sweep: one row per trial (from Tune's result grid and each trial's run info),
+written as CSV, Markdown and a plot; and the best trial."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from fdrl.config import TrainConfig
+from fdrl.data import storage
+from fdrl.workflows.train import RUN_INFO
 
 
 @dataclass
@@ -25,20 +26,22 @@ class TrialRow:
     checkpoint: str
 
 
-def _trial_id(result) -> str:
+def trial_id(result) -> str:
     """Tune names a trial directory <trainable>_<id>_<n>_<params>...; ids look like 'ab12c_00003'."""
     found = re.search(r"_([0-9a-f]{5}_\d{5})(_|$)", Path(result.path or "").name)
     return (result.metrics or {}).get("trial_id") or (found.group(1) if found else "?")
 
 
-def collect_rows(grid, metric_key: str, storage: Path, searched: list[str]) -> list[TrialRow]:
+def collect_rows(grid, metric_key: str, trials: str, searched: list[str]) -> list[TrialRow]:
+    """One row per trial of Tune's result grid; ``trials``: the folder (or URI) of the trials'
+    run folders, whose run info names each trial's MLflow run."""
     rows = []
     for result in grid:
         cfg = result.config or {}
-        trial_id = _trial_id(result)
+        name = trial_id(result)
         metrics = result.metrics or {}
-        info_path = storage / f"trial-{trial_id}" / "fdrl_run.json"
-        info = json.loads(info_path.read_text()) if info_path.exists() else {}
+        info_path = storage.join(trials, f"trial-{name}", RUN_INFO)
+        info = json.loads(storage.read_text(info_path)) if storage.is_file(info_path) else {}
         error = ""
         if result.error is not None:
             error = _short_error(result.error)
@@ -48,7 +51,7 @@ def collect_rows(grid, metric_key: str, storage: Path, searched: list[str]) -> l
         else:
             status = "finished"
         value = metrics.get(metric_key, math.nan) if not error else math.nan
-        rows.append(TrialRow(trial_id, status, {k: cfg.get(k) for k in searched},
+        rows.append(TrialRow(name, status, {k: cfg.get(k) for k in searched},
                              int(metrics.get("step", 0)), float(value), error,
                              info.get("mlflow_run_id", ""), metrics.get("checkpoint_path", "")))
     return rows
@@ -133,28 +136,3 @@ def best_row(rows: list[TrialRow]):
     """The finished trial with the lowest metric and a checkpoint, or None."""
     done = [r for r in rows if r.status == "finished" and not math.isnan(r.metric) and r.checkpoint]
     return min(done, key=lambda r: r.metric) if done else None
-
-
-def close_trial_runs(rows: list[TrialRow], tracking_uri: str) -> None:
-    """Tune ends a trial by stopping its process whenever ASHA says stop, also at max_t, so a
-    trial's MLflow run is left RUNNING or marked FAILED by the interrupted trainer. Give it the
-    status the results table shows."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri)
-    final = {"finished": "FINISHED", "stopped early": "KILLED", "failed": "FAILED"}
-    for row in rows:
-        if row.mlflow_run_id and client.get_run(row.mlflow_run_id).info.status != final[row.status]:
-            if row.status == "stopped early":
-                client.set_tag(row.mlflow_run_id, "fdrl.stopped_by", "ASHA")
-            client.set_terminated(row.mlflow_run_id, final[row.status])
-
-
-def register_best(best: TrialRow, base: TrainConfig, grid, register_name: str) -> None:
-    from fdrl.tracking.registry import log_fdrl_model
-
-    trial_cfg = next(r.config for r in grid if _trial_id(r) == best.trial)
-    name = register_name or f"fdrl-{base.dataset}"
-    version = log_fdrl_model(best.mlflow_run_id, best.checkpoint, base.prior_path or None,
-                             trial_cfg, name, base.tracking_uri, aliases=("candidate",))
-    print(f"best trial {best.trial} registered as models:/{name}@candidate (version {version.version})")
