@@ -26,14 +26,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fdrl.distributed.composed import conditional_to_dir, load_source, translate_to_dir
+from fdrl.workflows.sample import conditional_to_dir, load_source, translate_to_dir
 from fdrl.eval.classifier import load_classifier, load_labeled
 from fdrl.eval.metrics import domain_features, frechet_distance_from_moments
 
 
 @torch.no_grad()
 def predict(clf, x: np.ndarray) -> np.ndarray:
-    return torch.cat([clf(b).argmax(1) for b in torch.from_numpy(x).split(256)]).numpy()
+    return torch.cat([clf(b).argmax(1) for b in torch.from_numpy(np.asarray(x)).clamp(-1, 1).split(256)]).numpy()
 
 
 def fd(clf, a: np.ndarray, b: torch.Tensor) -> float:
@@ -42,8 +42,19 @@ def fd(clf, a: np.ndarray, b: torch.Tensor) -> float:
     return frechet_distance_from_moments(ma, mb)
 
 
+def load_evaluator(args):
+    """The project's classifier (models:/ or folder), or with --independent the LeNet of
+    benchmarks/independent_classifier.py, which shares no code with the project."""
+    if args.independent:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from independent_classifier import load
+
+        return load(args.evaluator)
+    return load_classifier(args.evaluator, args.tracking_uri)
+
+
 def conditional(args) -> dict:
-    evaluator = load_classifier(args.evaluator, args.tracking_uri)
+    evaluator = load_evaluator(args)
     real, real_labels, _ = load_labeled(args.data)
     results = {}
     for phi in args.phi:  # phi-major: the first phi given is measured for every guide first
@@ -81,8 +92,8 @@ def conditional(args) -> dict:
 
 
 def translation(args) -> dict:
-    evaluator = load_classifier(args.evaluator, args.tracking_uri)
-    source, labels = load_source(args.source, evaluator.config.in_shape)
+    evaluator = load_evaluator(args)
+    source, labels = load_source(args.source, (1, 32, 32) if args.independent else evaluator.config.in_shape)
     source, labels = source[:args.n], labels[:args.n]
     args.out.mkdir(parents=True, exist_ok=True)
     np.save(args.out / "source.npy", source)
@@ -104,6 +115,46 @@ def translation(args) -> dict:
     return result
 
 
+def translation_steps(args) -> dict:
+    """Class preservation and domain FD against the number of flow steps: one flow of the first
+    N sources (the core sampler, in this process), recorded at each count in --flow-steps."""
+    from fdrl.core.sampler import sample
+    from fdrl.tracking.registry import load_fdrl_model
+
+    torch.set_num_threads(args.threads)
+    evaluator = load_evaluator(args)
+    model = load_fdrl_model(args.model, args.tracking_uri)
+    source, labels = load_source(args.source, model.net.in_shape)
+    source, labels = source[:args.n], labels[:args.n]
+    target, _, _ = load_labeled(args.target)
+    steps = sorted(set(args.flow_steps))
+    run = sample(model.net, model.pairing, model.flow, seed=args.seed, start=torch.from_numpy(source),
+                 steps=steps[-1], record=[k for k in steps if k > 0], trace=True)
+    rows = {}
+    for k in steps:
+        x = source if k == 0 else run.stages[k].clamp(-1, 1).numpy()
+        rows[k] = {"class_preservation": float((predict(evaluator, x) == labels).mean()),
+                   "fd_vs_target": fd(evaluator, x, target), "mean_log_r": float(run.log_r[k])}
+        print(k, json.dumps(rows[k]), flush=True)
+    floor = fd(evaluator, target[::2].numpy(), target[1::2])
+    result = {"n": len(source), "by_steps": rows, "fd_target_half_vs_half": floor,
+              "model_flow": {"K": model.flow.flow_steps, "kappa": model.flow.extra_steps, "eta": model.flow.eta}}
+    (args.out / "translation_steps.json").write_text(json.dumps(result, indent=1))
+    lines = ["| flow steps | class preservation | FD to target | mean log r |", "|---:|---:|---:|---:|"]
+    lines += [f"| {k} | {r['class_preservation']:.3f} | {r['fd_vs_target']:.1f} | {r['mean_log_r']:.3f} |"
+              for k, r in rows.items()]
+    lines.append(f"\nFD floor (target half vs half): {floor:.2f}")
+    (args.out / "translation_steps.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    if args.grid:
+        from fdrl.data.images import save_grid
+
+        picks = [k for k in steps]
+        rows_img = [torch.from_numpy(source[:10]) if k == 0 else run.stages[k][:10].clamp(-1, 1) for k in picks]
+        save_grid(torch.cat(rows_img), args.out / "translation_steps.png", nrow=10)
+    return result
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
@@ -116,16 +167,25 @@ def main(argv=None) -> int:
     t.add_argument("--source", required=True)
     t.add_argument("--target", required=True)
     t.add_argument("--n", type=int, default=500)
-    for q in (c, t):
+    ts = sub.add_parser("translation-steps")
+    ts.add_argument("--source", required=True)
+    ts.add_argument("--target", required=True)
+    ts.add_argument("--n", type=int, default=500)
+    ts.add_argument("--flow-steps", type=int, nargs="+", default=[0, 5, 10, 20, 40, 60, 80, 120])
+    ts.add_argument("--threads", type=int, default=2)
+    ts.add_argument("--grid", action="store_true", help="first 10 sources, one row per step count")
+    for q in (c, t, ts):
         q.add_argument("--model", required=True)
         q.add_argument("--evaluator", required=True, help="independent classifier (metrics)")
+        q.add_argument("--independent", action="store_true",
+                       help="--evaluator is a benchmarks/independent_classifier.py folder")
         q.add_argument("--out", type=Path, required=True)
         q.add_argument("--seed", type=int, default=0)
         q.add_argument("--workers", type=int, default=2)
         q.add_argument("--tracking-uri", default=None)
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    conditional(args) if args.what == "conditional" else translation(args)
+    {"conditional": conditional, "translation": translation, "translation-steps": translation_steps}[args.what](args)
     return 0
 
 

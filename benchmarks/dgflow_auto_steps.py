@@ -15,7 +15,7 @@ from pathlib import Path
 def main(argv=None):
     from fdrl.core.dgflow import auto_steps, paper_settings
     from fdrl.data.toy import make_toy, toy_metrics
-    from fdrl.distributed.refining import refine_model
+    from fdrl.workflows.refine import refine_model
     from fdrl.tracking.generators import load_generator
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

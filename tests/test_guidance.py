@@ -1,4 +1,5 @@
-"""Class guidance (FDRL eq. 31) through the one sampler: the drift, checks, reproducibility."""
+"""Class guidance (FDRL eqs. 29-31) through the one sampler: the drift of each pairing, derived
+from the target p(x) p(y|x)^phi, checks, reproducibility."""
 
 import numpy as np
 import pytest
@@ -58,7 +59,7 @@ def test_conditional_drift_is_unconditional_plus_phi_grad_log_p(setup, phi, labe
     start = torch.as_tensor(x0, dtype=torch.float32)
     plain = sample(net, pairing, one_step, seed=0, start=start).x.double().numpy()
     guided = sample(net, pairing, one_step, seed=0, start=start,
-                    extra_potential=class_potential(clf, label, phi)).x.double().numpy()
+                    extra_potential=class_potential(clf, label, phi, pairing)).x.double().numpy()
     # Unconditional LR-KL drift: -eta * grad log r = -eta * a.
     np.testing.assert_allclose(plain, x0 - eta * a, atol=1e-5)
     # Guidance adds eta * phi * grad log p(y|x).
@@ -75,7 +76,7 @@ def test_guided_samples_are_reproducible_by_seed_and_differ_by_label(setup):
     prior = make_simple_prior("gaussian", (D,))
     flow = FlowSettings(flow_steps=3, extra_steps=2, eta=0.1, nu=0.05)
     run = lambda seed, label, chunk=64: sample(net, pairing, flow, 70, seed, prior=prior, chunk=chunk,
-                                               extra_potential=class_potential(clf, label, 0.5)).x
+                                               extra_potential=class_potential(clf, label, 0.5, pairing)).x
     first = run(3, 1)
     assert torch.equal(first, run(3, 1))
     assert not torch.equal(first, run(4, 1))
@@ -90,7 +91,52 @@ def test_bad_labels_shapes_and_phi_are_refused(setup):
         check_classifier_fits(clf, (D,), N_CLASSES, [0, 3])
     with pytest.raises(ValueError, match="does not take the model's images of shape"):
         check_classifier_fits(clf, (1, 4, 4), N_CLASSES, [0])
+    lr = get_pairing("lr-kl")
     with pytest.raises(ValueError, match="phi must be >= 0"):
-        class_potential(clf, 0, -0.1)
+        class_potential(clf, 0, -0.1, lr)
     with pytest.raises(ValueError, match="outside the classifier's classes"):
-        class_potential(clf, 5, 0.1)(torch.zeros(2, D))
+        class_potential(clf, 5, 0.1, lr).guided_output(torch.zeros(2, D), torch.zeros(2))
+
+
+class ExpR(nn.Module):
+    """r(x) = exp(a . x) as LSIF's output (r itself): the same ratio as LinearLogR."""
+
+    def __init__(self, a):
+        super().__init__()
+        self.a = nn.Parameter(torch.as_tensor(a, dtype=torch.float32))
+
+    def forward(self, x):
+        return torch.exp(x.flatten(1) @ self.a)
+
+
+@pytest.mark.parametrize("phi", [0.0, 0.3, 1.0])
+def test_lsif_guidance_is_f_prime_of_the_guided_ratio(setup, phi):
+    """LSIF: x <- x - eta grad 2 r~ with r~ = r (N p(y|x))^-phi, so the drift is
+    2 eta r~ (a - phi grad log p): the LR-KL guided drift times a positive factor, for the same
+    ratio. phi means one strength whatever the pairing."""
+    a, w, b, x0 = setup
+    a = 0.3 * a  # keep r~ moderate
+    clf, label, eta = linear_classifier(w, b), 1, 0.05
+    one_step = FlowSettings(flow_steps=1, extra_steps=0, eta=eta, nu=0.0)
+    start = torch.as_tensor(x0, dtype=torch.float32)
+
+    def drift(net, pairing):
+        out = sample(net, pairing, one_step, seed=0, start=start,
+                     extra_potential=class_potential(clf, label, phi, pairing)).x.double().numpy()
+        return x0 - out
+
+    lsif, kl = drift(ExpR(a), get_pairing("lsif-chi2")), drift(LinearLogR(a), get_pairing("lr-kl"))
+    logits = x0 @ w.T + b
+    log_p = logits[:, label] - np.log(np.exp(logits).sum(1))
+    r_tilde = np.exp(x0 @ a) * np.exp(-phi * (log_p + np.log(N_CLASSES)))
+    direction = a[None, :] - phi * grad_log_softmax(w, b, x0, label)
+    np.testing.assert_allclose(kl, eta * direction, atol=1e-5)
+    np.testing.assert_allclose(lsif, 2 * eta * r_tilde[:, None] * direction, rtol=1e-4, atol=1e-6)
+
+
+def test_lsif_guidance_leaves_a_non_positive_ratio_alone(setup):
+    a, w, b, _ = setup
+    guide = class_potential(linear_classifier(w, b), 0, 1.0, get_pairing("lsif-chi2"))
+    out = torch.tensor([-0.5, 0.0, 2.0])
+    got = guide.guided_output(torch.zeros(3, D), out)
+    assert got[0] == -0.5 and got[1] == 0.0 and got[2] != 2.0

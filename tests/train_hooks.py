@@ -113,3 +113,29 @@ def pauses_at(steps, folder: str, timeout_s: float = 600):
             time.sleep(0.05)
 
     return _wrap_report(after=after)
+
+
+def gan_raises_at(step: int, error: BaseException):
+    """The baseline generators' loop (``gan_loop_per_worker``), where rank 0 raises ``error`` as
+    it reaches the checkpoint report of ``step``: the steps since the last checkpoint are lost."""
+
+    def loop(config: dict) -> None:
+        import ray.train
+
+        import fdrl.distributed.gan_worker as worker
+
+        rank = ray.train.get_context().get_world_rank()
+        original = worker.report
+
+        def report(nets, opts, gen, at, *args, **kwargs):
+            if rank == 0 and at == step:
+                raise error
+            original(nets, opts, gen, at, *args, **kwargs)
+
+        worker.report = report
+        try:
+            worker.gan_loop_per_worker(config)
+        finally:
+            worker.report = original
+
+    return loop

@@ -22,8 +22,10 @@ from torch.nn.utils import parametrize
 from fdrl.core.divergences import Pairing
 from fdrl.core.precision import check_precision, network_output
 
-# An extra per-sample potential added to f'(r(x)), e.g. -phi * log p(y|x) for class-conditional
-# generation. It maps a batch x to a tensor of shape (batch,).
+# An extra per-sample term of the flow's potential. A plain callable maps a batch x to a tensor of
+# shape (batch,) that is added to f'(r(x)). An object with ``guided_output(x, out)`` instead
+# rewrites the network's output before f' (class guidance derived from its target,
+# ``fdrl.core.guidance.ClassGuide``), so each pairing's own f' applies to the guided ratio.
 Potential = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -117,9 +119,12 @@ def flow(
             x_in = x.detach().requires_grad_(True)
             with torch.enable_grad():
                 out = network_output(net, x_in, precision)
-                potential = pairing.f_prime(out)
-                if extra_potential is not None:
-                    potential = potential + extra_potential(x_in)
+                if hasattr(extra_potential, "guided_output"):
+                    potential = pairing.f_prime(extra_potential.guided_output(x_in, out))
+                else:
+                    potential = pairing.f_prime(out)
+                    if extra_potential is not None:
+                        potential = potential + extra_potential(x_in)
                 # Samples are independent (no batch statistics), so the gradient of the sum
                 # is each sample's own gradient.
                 (grad,) = torch.autograd.grad(potential.sum(), x_in)

@@ -1,7 +1,8 @@
 """GAN training maths for the baseline generators DGflow refines (no Ray, no MLflow).
 
-* ``wgan-gp`` (2D, as in DGflow's appendix): critic loss E[d(g(z))] - E[d(x)] + 10 * GP, with
-  GP = E[(|grad d(x_hat)| - 1)^2] on random interpolates; generator loss -E[d(g(z))].
+* ``wgan-gp`` (2D, as in DGflow's appendix): critic loss E[d(g(z))] - E[d(x)] + w * GP, with
+  GP = E[(|grad d(x_hat)| - 1)^2] on random interpolates (w = 10 in DGflow's appendix; Gulrajani
+  et al.'s toy code uses 0.1); generator loss -E[d(g(z))].
 * ``hinge`` (SN-DCGAN on MNIST): critic E[relu(1 - d(x))] + E[relu(1 + d(g(z)))]; generator -E[d].
 
 d is high on data, so exp(-d(x)) reads as the ratio generator/data (DGflow's convention).
@@ -26,11 +27,11 @@ def gradient_penalty(critic, real: torch.Tensor, fake: torch.Tensor,
     return (grad.flatten(1).norm(dim=1) - 1).pow(2).mean()
 
 
-def critic_loss(loss: str, critic, real, fake, generator) -> torch.Tensor:
+def critic_loss(loss: str, critic, real, fake, generator, gp_weight: float = GP_WEIGHT) -> torch.Tensor:
     fake = fake.detach()
     if loss == "wgan-gp":
         return (critic(fake).mean() - critic(real).mean()
-                + GP_WEIGHT * gradient_penalty(critic, real, fake, generator))
+                + gp_weight * gradient_penalty(critic, real, fake, generator))
     if loss == "hinge":
         return F.relu(1 - critic(real)).mean() + F.relu(1 + critic(fake)).mean()
     raise ValueError(f"unknown GAN loss {loss!r}; valid: {', '.join(LOSSES)}")

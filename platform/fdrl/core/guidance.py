@@ -1,23 +1,33 @@
 """Class guidance: compose an unconditional ratio with a classifier (FDRL eqs. 29-31).
 
-With p(y=n|x) = p(x|y=n) / (N p(x)), the conditional ratio is r(x|y=n) = r(x) / (N p(y=n|x)).
-For LR-KL, f'(r) = log r, so flowing with it adds -phi * log p(y=n|x) to the potential:
-x <- x - eta * grad(log r(x) - phi * log p(y=n|x)) + nu * xi  (eq. 31; the paper writes the step
-as 2 eta, which is ``--eta`` doubled). For the other pairings the same term is added to their
-f'(r), the usual classifier-guidance approximation. phi weighs the classifier (the paper: 0.1).
+The guided flow is derived from its target, p~(x) = p(x) p(y=n|x)^phi / Z (phi = 1: the class
+conditional p(x|y=n), eq. 29; phi = 0: unconditional). Its ratio is
+r~ = q/p~ = r(x) (N p(y=n|x))^-phi, taking Z = N^-phi (exact at phi = 0 and 1, N classes), and the
+flow uses the pairing's own f' of r~:
 
-The term enters through the one sampler's ``extra_potential`` hook, so conditional samples keep
+* LR pairings (output o = log r): o~ = o - phi (log p(y=n|x) + log N). For LR-KL, f' = o~ gives
+  eq. 31: x <- x - eta grad(log r - phi log p(y=n|x)) + nu xi. The paper writes the step as 2 eta;
+  the 2 scales both terms alike, so it is a step size (``--eta``), not a guidance strength.
+* LSIF (output o = r): o~ = o (N p(y=n|x))^-phi where o > 0 (a ratio; where the network's r is
+  not positive it is left alone), and f' = 2 o~.
+
+So phi is the same strength for every pairing: near r = 1 the drift is grad log r - phi grad log p
+up to a positive factor. (Adding -phi log p(y|x) to f' instead, as before, made LSIF's guidance
+relatively half as strong and scale-dependent on r.)
+
+The guide enters through the one sampler's ``extra_potential`` hook, so conditional samples keep
 the per-chunk seeding of unconditional ones.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
 from torch import nn
 
-from fdrl.core.flow import Potential
+from fdrl.core.divergences import Pairing
 
 
 def check_classifier_fits(classifier: nn.Module, in_shape: Sequence[int], num_classes: int,
@@ -38,21 +48,35 @@ def check_classifier_fits(classifier: nn.Module, in_shape: Sequence[int], num_cl
         raise ValueError(f"label(s) {bad} outside the classifier's classes 0..{num_classes - 1}")
 
 
-def class_potential(classifier: nn.Module, label: int, phi: float) -> Potential:
-    """x -> -phi * log p(y=label | x), per sample: the extra potential of eq. 31.
+class ClassGuide:
+    """The guided output o~ of one label (module docstring); ``fdrl.core.flow.flow`` applies the
+    pairing's f' to it. The classifier must be in eval mode with frozen parameters."""
 
-    The classifier must be in eval mode with frozen parameters (only input gradients flow)."""
-    if not phi >= 0:
-        raise ValueError(f"guidance weight phi must be >= 0, got {phi!r}")
-    label = int(label)
+    def __init__(self, classifier: nn.Module, label: int, phi: float, pairing: Pairing):
+        if not phi >= 0:
+            raise ValueError(f"guidance weight phi must be >= 0, got {phi!r}")
+        self.classifier, self.label, self.phi, self.pairing = classifier, int(label), float(phi), pairing
 
-    def potential(x: torch.Tensor) -> torch.Tensor:
-        log_p = torch.log_softmax(classifier(x), dim=1)
-        if not 0 <= label < log_p.shape[1]:
-            raise ValueError(f"label {label} outside the classifier's classes 0..{log_p.shape[1] - 1}")
-        return -phi * log_p[:, label]
+    def log_weight(self, x: torch.Tensor) -> torch.Tensor:
+        """-phi * log(N p(y=label|x)) per sample: log of the factor r~/r."""
+        log_p = torch.log_softmax(self.classifier(x).float(), dim=1)
+        n = log_p.shape[1]
+        if not 0 <= self.label < n:
+            raise ValueError(f"label {self.label} outside the classifier's classes 0..{n - 1}")
+        return -self.phi * (log_p[:, self.label] + math.log(n))
 
-    return potential
+    def guided_output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        if self.phi == 0:
+            return out
+        w = self.log_weight(x)
+        if self.pairing.output == "log_r":
+            return out + w
+        return torch.where(out > 0, out * w.exp(), out)
+
+
+def class_potential(classifier: nn.Module, label: int, phi: float, pairing: Pairing) -> ClassGuide:
+    """The guide of eq. 29 with weight phi, for ``pairing``'s f' (module docstring)."""
+    return ClassGuide(classifier, label, phi, pairing)
 
 
 def frozen(classifier: nn.Module) -> nn.Module:

@@ -122,7 +122,7 @@ class ChunkSampler:
     def draw(self, seed: int, index: int, size: int, label: Optional[int] = None,
              start: Optional[torch.Tensor] = None, steps: Optional[int] = None) -> torch.Tensor:
         """Chunk ``index`` of a run seeded with ``seed``, on the CPU."""
-        potential = None if label is None else class_potential(self.classifier, label, self.phi)
+        potential = None if label is None else class_potential(self.classifier, label, self.phi, self.pairing)
         return sample_chunk(self.net, self.pairing, self.flow, seed, index, size, prior=self.prior,
                             start=start, steps=steps, extra_potential=potential,
                             device=self.device).x

@@ -5,6 +5,10 @@ registers the result). Workers start from the same weights, draw their own batch
 seeds) and average gradients with an all-reduce between backward and the optimiser step; DDP is
 not used because the gradient penalty needs a double backward. Metrics leave through
 ``ray.train.report`` only; the driver logs them.
+
+Every ``checkpoint_every`` generator steps the workers report a checkpoint (nets, optimisers, step,
+every rank's RNG states), so a restart after a lost worker, or a new job with ``resume``, continues
+the same random stream and ends at the weights of an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ class GenConfig:
     betas: tuple = (0.5, 0.9)
     critic_steps: int = 5  # critic updates per generator update
     loss: str = "wgan-gp"
+    gp_weight: float = 10.0  # WGAN-GP penalty weight (DGflow: 10; Gulrajani et al.'s toy code: 0.1)
     width: int = 512  # 2D MLPs: hidden width (3 hidden ReLU layers)
     latent_dim: int = 2
     threads: int = 1
@@ -44,6 +49,10 @@ class GenConfig:
     tracking_uri: str = ""
     register_name: str = ""  # default gan-<dataset> / vae-<dataset>
     storage: str = ""  # where checkpoints go; empty: $FDRL_HOME/runs/generators (or ./runs/...)
+    checkpoint_every: int = 1000  # generator steps between checkpoints (0: only at the end)
+    keep_checkpoints: int = 2
+    run_name: str = ""  # the run's folder under storage; default <name>-s<seed>-<time>
+    resume: bool = False  # continue run_name (or the latest run of this model) from its checkpoint
     specs: dict = field(default_factory=dict)  # set by the launcher
 
     def validate(self):
@@ -58,6 +67,9 @@ class GenConfig:
         for name in ("steps", "workers", "batch", "critic_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.checkpoint_every < 0 or self.gp_weight < 0 or self.keep_checkpoints < 1:
+            raise ValueError(f"checkpoint_every and gp_weight must be >= 0 and keep_checkpoints >= 1, "
+                             f"got {self.checkpoint_every}, {self.gp_weight}, {self.keep_checkpoints}")
         if self.batch % self.workers:
             raise ValueError(f"batch {self.batch} does not split over {self.workers} workers")
 
@@ -113,45 +125,88 @@ def gan_loop_per_worker(config: dict) -> None:
 
     g = nets["generator"]
     if cfg.model == "vae":
-        opt = torch.optim.Adam(list(g.parameters()) + list(nets["encoder"].parameters()), lr=cfg.lr)
+        opts = {"vae": torch.optim.Adam(list(g.parameters()) + list(nets["encoder"].parameters()),
+                                        lr=cfg.lr)}
     else:
         d = nets["discriminator"]
-        opt_d = torch.optim.Adam(d.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
-        opt_g = torch.optim.Adam(g.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
-    start = time.perf_counter()
-    for step in range(1, cfg.steps + 1):
+        opts = {"critic": torch.optim.Adam(d.parameters(), lr=cfg.lr, betas=tuple(cfg.betas)),
+                "generator": torch.optim.Adam(g.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))}
+    first, before = restore(nets, opts, gen, rank, world)
+    start = time.perf_counter() - before
+    if first > cfg.steps:  # resumed from the final checkpoint: report it again as the result
+        report(nets, opts, gen, cfg.steps, {"seconds": before}, rank, world)
+        return
+    for step in range(first, cfg.steps + 1):
         if cfg.model == "vae":
             loss = vae_loss(nets["encoder"], g, data(), gen)
-            opt.zero_grad(set_to_none=True)
+            opts["vae"].zero_grad(set_to_none=True)
             loss.backward()
-            _average_grads(opt.param_groups[0]["params"], world)
-            opt.step()
+            _average_grads(opts["vae"].param_groups[0]["params"], world)
+            opts["vae"].step()
             metrics = {"loss": loss.item()}
         else:
             for _ in range(cfg.critic_steps):
                 with torch.no_grad():
                     fake = g(latents())
-                d_loss = critic_loss(cfg.loss, d, data(), fake, gen)
-                opt_d.zero_grad(set_to_none=True)
+                d_loss = critic_loss(cfg.loss, d, data(), fake, gen, cfg.gp_weight)
+                opts["critic"].zero_grad(set_to_none=True)
                 d_loss.backward()
                 _average_grads(d.parameters(), world)
-                opt_d.step()
+                opts["critic"].step()
             g_loss = generator_loss(cfg.loss, d, g(latents()))
-            opt_g.zero_grad(set_to_none=True)
+            opts["generator"].zero_grad(set_to_none=True)
             g_loss.backward()
             _average_grads(g.parameters(), world)
-            opt_g.step()
+            opts["generator"].step()
             metrics = {"critic_loss": d_loss.item(), "generator_loss": g_loss.item()}
-        if step % cfg.log_every == 0 and step != cfg.steps:
-            ray.train.report({**metrics, "step": step, "seconds": time.perf_counter() - start})
-    metrics.update(step=cfg.steps, seconds=time.perf_counter() - start)
+        metrics["seconds"] = time.perf_counter() - start
+        if step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+            report(nets, opts, gen, step, metrics, rank, world)
+        elif step % cfg.log_every == 0:
+            ray.train.report({**metrics, "step": step})
+
+
+def report(nets, opts, gen, step, metrics, rank, world) -> None:
+    """Report ``metrics`` with a checkpoint: weights (safetensors), optimiser states, the step and
+    every rank's RNG states (gathered to rank 0), so that a restart continues the same stream."""
+    from safetensors.torch import save_file
+
+    mine = {"generator": gen.get_state(), "torch": torch.get_rng_state()}
+    ranks = [None] * world
+    if world > 1:
+        dist.all_gather_object(ranks, mine)
+    else:
+        ranks = [mine]
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = None
         if rank == 0:
-            from safetensors.torch import save_file
-
             for role, net in nets.items():
                 save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()},
                           f"{tmp}/{role}.safetensors")
+            torch.save({"optimizers": {k: o.state_dict() for k, o in opts.items()}, "step": step,
+                        "seconds": metrics.get("seconds", 0.0), "rank_states": ranks},
+                       f"{tmp}/state.pt")
             ckpt = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(metrics, checkpoint=ckpt)
+        ray.train.report({**metrics, "step": step}, checkpoint=ckpt)
+
+
+def restore(nets, opts, gen, rank, world) -> tuple[int, float]:
+    """Load the run's latest checkpoint in place, if any; returns (the first step to run, the
+    seconds trained before it)."""
+    from safetensors.torch import load_file
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 1, 0.0
+    with checkpoint.as_directory() as ckpt_dir:
+        for role, net in nets.items():
+            net.load_state_dict(load_file(f"{ckpt_dir}/{role}.safetensors"))
+        blob = torch.load(f"{ckpt_dir}/state.pt", weights_only=True)
+    if len(blob["rank_states"]) != world:
+        raise ValueError(f"checkpoint was written by {len(blob['rank_states'])} workers, this run "
+                         f"has {world}: resume with --workers {len(blob['rank_states'])}")
+    for k, o in opts.items():
+        o.load_state_dict(blob["optimizers"][k])
+    gen.set_state(blob["rank_states"][rank]["generator"])
+    torch.set_rng_state(blob["rank_states"][rank]["torch"])
+    return int(blob["step"]) + 1, float(blob["seconds"])

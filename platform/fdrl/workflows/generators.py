@@ -18,11 +18,17 @@ from fdrl.core.generator_nets import build_net
 from fdrl.distributed.gan_worker import GenConfig, gan_loop_per_worker, load_data, net_specs
 
 
-def train_generator(cfg: GenConfig) -> dict:
+RUN_INFO = "fdrl_gan_run.json"  # in the run folder: the MLflow run id, for resume
+
+
+def train_generator(cfg: GenConfig, train_loop=gan_loop_per_worker) -> dict:
     """Train on a TorchTrainer, register as ``gan-<dataset>``/``vae-<dataset>`` (alias candidate).
-    Returns {"model_uri", "run_id", "version", "seconds", "config"}."""
+    With ``cfg.resume`` the run folder's checkpoints and MLflow run are continued. ``train_loop``
+    is the per-worker function (tests wrap it). Returns {"model_uri", "run_id", "version",
+    "seconds", "config"}."""
     from safetensors.torch import load_file
 
+    from fdrl.data import storage
     from fdrl.distributed.cluster import connect
     from fdrl.distributed.trainer import RunFailed, TrainerSpec, fit
     from fdrl.tracking.generators import log_generator
@@ -32,20 +38,33 @@ def train_generator(cfg: GenConfig) -> dict:
     cfg.tracking_uri = cfg.tracking_uri or default_tracking_uri()
     cfg.specs = net_specs(cfg)
     name = cfg.register_name or f"{cfg.model}-{cfg.dataset}"
-    storage = storage_root(cfg.storage, "generators")
+    root = storage_root(cfg.storage, "generators")
+    cfg.run_name = cfg.run_name or (_latest_run(root, name, cfg.seed) if cfg.resume
+                                    else f"{name}-s{cfg.seed}-{int(time.time())}")
+    info_path = storage.join(root, cfg.run_name, RUN_INFO)
+    started = storage.is_file(info_path)
+    if started and not cfg.resume:  # Ray Train would silently continue the old checkpoints
+        raise FileExistsError(f"{storage.join(root, cfg.run_name)} exists: pass resume (--resume) "
+                              "to continue it, or a new run name")
+    if cfg.resume and not started:
+        raise FileNotFoundError(f"resume: no run {cfg.run_name!r} under {root}")
+    previous = json.loads(storage.read_text(info_path)) if started else {}
     connect()
-    tracker = Tracker(cfg.experiment, run_name=f"{name}-s{cfg.seed}", tracking_uri=cfg.tracking_uri)
-    tracker.log_params({k: v for k, v in asdict(cfg).items() if k != "specs"})
-    tracker.set_tags({"dataset": cfg.dataset, "git_commit": git_commit() or "unknown"})
+    tracker = Tracker(cfg.experiment, run_name=f"{name}-s{cfg.seed}", tracking_uri=cfg.tracking_uri,
+                      run_id=previous.get("mlflow_run_id"))
+    if not started:
+        tracker.log_params({k: v for k, v in asdict(cfg).items() if k not in ("specs", "resume")})
+        tracker.set_tags({"dataset": cfg.dataset, "git_commit": git_commit() or "unknown"})
+        storage.write_text(info_path, json.dumps({"mlflow_run_id": tracker.run_id,
+                                                  "created": time.time()}))
 
     def on_report(metrics: dict, checkpoint) -> None:
         step = int(metrics.pop("step"))
         tracker.log_metrics(metrics, step)
         print(f"step {step:6d} " + " ".join(f"{k} {v:+.4f}" for k, v in metrics.items()), flush=True)
 
-    spec = TrainerSpec(gan_loop_per_worker, asdict(cfg), f"{name}-s{cfg.seed}-{int(time.time())}",
-                       storage, cfg.workers, cpus_per_worker=1, max_failures=cfg.max_failures)
-    start = time.perf_counter()
+    spec = TrainerSpec(train_loop, asdict(cfg), cfg.run_name, root, cfg.workers, cpus_per_worker=1,
+                       keep_checkpoints=cfg.keep_checkpoints, max_failures=cfg.max_failures)
     try:
         result = fit(spec, on_report)
     except BaseException as err:
@@ -53,7 +72,7 @@ def train_generator(cfg: GenConfig) -> dict:
             tracker.set_tags({"fdrl.failure": str(err)})
         tracker.end("FAILED")
         raise
-    seconds = time.perf_counter() - start
+    seconds = float(result.metrics["seconds"])  # every attempt's, resumed ones included
     with result.checkpoint.as_directory() as d:
         nets = {}
         for role, net_spec in cfg.specs.items():
@@ -63,7 +82,7 @@ def train_generator(cfg: GenConfig) -> dict:
     kind = "vae" if cfg.model == "vae" else "gan"
     data_shape = (1, 32, 32) if cfg.dataset == "mnist" else (2,)
     info = {"dataset": cfg.dataset, "steps": cfg.steps, "seed": cfg.seed, "loss": cfg.loss,
-            "train_seconds": seconds}
+            "gp_weight": cfg.gp_weight, "train_seconds": seconds}
     mv = log_generator(tracker.run_id, name, kind, cfg.latent_dim, data_shape, nets, info,
                        tracking_uri=cfg.tracking_uri)
     tracker.log_metrics({"train_wall_seconds": seconds}, cfg.steps)
@@ -72,6 +91,18 @@ def train_generator(cfg: GenConfig) -> dict:
     print(f"registered {name} version {mv.version} ({uri}) in {seconds:.0f} s")
     return {"model_uri": uri, "run_id": tracker.run_id, "version": str(mv.version), "seconds": seconds,
             "config": json.loads(json.dumps(asdict(cfg), default=str))}
+
+
+def _latest_run(root: str, name: str, seed: int) -> str:
+    """The run folder of ``name`` and ``seed`` under ``root`` created last."""
+    from fdrl.data import storage
+
+    runs = [(json.loads(storage.read_text(storage.join(run, RUN_INFO)))["created"], storage.name(run))
+            for run in (storage.glob(root, f"{name}-s{seed}-*") if storage.is_dir(root) else [])
+            if storage.is_file(storage.join(run, RUN_INFO))]
+    if not runs:
+        raise FileNotFoundError(f"resume: no run of {name} seed {seed} under {root}")
+    return max(runs)[1]
 
 
 def train_corrector(generator_uri: str, reference_uri: Optional[str] = None, *, iters: int = 10_000,
