@@ -82,7 +82,7 @@ def run_rows(dataset, seed, rseed, model, real, args, results, first):
         # the base row needs only the base samples (the same latents for every row)
         s = paper_settings(**(spec or dict(method="dgflow", steps=1)))
         run = refine_model(model, s, args.n, rseed, chunk=args.n)
-        x = run.result.base.numpy() if spec is None else run.result.refined.numpy()
+        x = run.result.stages[0].numpy() if spec is None else run.result.x.numpy()
         m = toy_metrics(dataset, x, real)
         m["seconds"] = time.perf_counter() - start
         m["log_ratio_start"], m["log_ratio_end"] = float(run.result.log_r[0]), float(run.result.log_r[-1])
@@ -91,7 +91,7 @@ def run_rows(dataset, seed, rseed, model, real, args, results, first):
         if first and seed == args.seeds[0]:
             slug = row.split(" (base)")[0].replace(" (gamma ", "-g").replace(")", "").replace(" ", "")
             tag = f"-{args.label}" if args.label else ""
-            plot_2d(run.result.base.numpy(), x, args.out / f"scatter-{dataset}{tag}-{slug}.png",
+            plot_2d(run.result.stages[0].numpy(), x, args.out / f"scatter-{dataset}{tag}-{slug}.png",
                     f"{row} {args.label}".strip(), dataset)
         m["seed"], m["refine_seed"] = seed, rseed
 

@@ -38,9 +38,9 @@ def main(argv=None):
         rows = {}
         for k in args.steps:  # the same trajectories cut at k steps (same seed, one chunk)
             run = refine_model(model, paper_settings("dgflow", "kl", steps=k), args.n, 0, chunk=args.n)
-            rows[k] = toy_metrics(dataset, run.result.refined.numpy(), real)
+            rows[k] = toy_metrics(dataset, run.result.x.numpy(), real)
             rows[k]["mean_log_ratio"] = curve[k]
-        rows[0] = toy_metrics(dataset, full.result.base.numpy(), real)
+        rows[0] = toy_metrics(dataset, full.result.stages[0].numpy(), real)
         rows[0]["mean_log_ratio"] = curve[0]
         # the job's rule: a pilot on the first 256 samples
         pilot = refine_model(model, longest, 256, 0).result.log_r.tolist()
