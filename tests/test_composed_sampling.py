@@ -74,7 +74,7 @@ def test_conditional_rows_reproducible_logged_and_equal_to_the_sampler(ray_clust
     model = load_fdrl_model(MODEL, uri)
     clf = load_registered_classifier(CLF, uri).requires_grad_(False)
     np.testing.assert_array_equal(rows[7], _in_process(model, 5, 3, 4,
-                                                       extra_potential=class_potential(clf, 7, 5.0)))
+                                                       extra_potential=class_potential(clf, 7, 5.0, model.pairing)))
     unguided = _in_process(model, 5, 3, 4)
     assert not np.array_equal(rows[7], unguided) and not np.array_equal(rows[7], rows[2])
     one = np.load(run(3, "d", "7")["samples"])

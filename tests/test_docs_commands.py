@@ -342,7 +342,11 @@ COMMANDS: dict[str, Run | NotHere] = {
     ".venv/bin/python jobs/sample.py --model models:/fdrl-digits-to-mnist5k@candidate --input "
     "data/digits --out runs/translated": Run(),  # flows the 64 prepared digits
     # --- docs/dgflow.md ----------------------------------------------------------------------
-    "python jobs/train_gan.py --dataset 25gaussians --steps 10000 --seed 0": Run(add=GAN),
+    "python jobs/train_gan.py --dataset 25gaussians --seed 0": Run(add=GAN),
+    # the run above is complete: resuming it registers its final checkpoint again
+    "python jobs/train_gan.py --dataset 25gaussians --seed 0 --resume": Run(add=GAN),
+    "python jobs/train_gan.py --dataset 25gaussians --seed 0 --gp-weight 0.1 "
+    "--register-name gan-25gaussians-gp0.1": Run(add=GAN),
     "python jobs/refine.py --generator models:/gan-25gaussians@candidate --space data --f kl --n 5000 "
     "--out runs/r": Run(add=REFINE),
     "python jobs/refine.py --generator models:/gan-25gaussians@candidate --method dot --out runs/dot":
