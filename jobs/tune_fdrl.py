@@ -24,6 +24,7 @@ from pathlib import Path
 import yaml
 
 from fdrl.config import add_config_args, config_from_args
+from fdrl.data import storage
 from fdrl.workflows.sweep import DEFAULT_SPACE, METRICS, run_sweep
 
 from fdrl.presets import MNIST, mnist_data
@@ -83,7 +84,7 @@ def main(argv=None):
     except (FileNotFoundError, ValueError) as err:
         sys.exit(f"error: {err}")
     out = result.folder
-    print((out / "results.md").read_text())
+    print(storage.read_text(storage.join(out, "results.md")))
     failed = sum(r.status == "failed" for r in result.rows)
     print(f"results: {out}/results.csv, {out}/results.png; {failed} failed; best: "
           f"{result.model_uri or 'none registered'}")

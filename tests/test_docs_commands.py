@@ -332,7 +332,7 @@ COMMANDS: dict[str, Run | NotHere] = {
     "python $REPO/jobs/fdrl_mnist.py --data data/my-digits": Run(add=TRAIN),
     "python $REPO/jobs/fdrl_train.py --data data/my-digits --gpu on --steps 10": Run(add=TRAIN),
     # --- docs/compose.md ---------------------------------------------------------------------
-    ".venv/bin/python jobs/train_classifier.py --data data/mnist5k --epochs 6": Run(add=CLASSIFIER),
+    ".venv/bin/python jobs/train_classifier.py --epochs 6": Run(add=CLASSIFIER),
     ".venv/bin/python jobs/sample.py --model models:/fdrl-mnist@candidate --classifier "
     "models:/classifier-mnist@candidate --label all --n 100 --phi 0.1 --out runs/cond": Run(add="--n 2"),
     ".venv/bin/python datasets/prepare.py sklearn-digits --out data/digits --shard-size 300":

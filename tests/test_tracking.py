@@ -513,7 +513,8 @@ def _cpu_work() -> int:
 
 
 @pytest.mark.integration
-@pytest.mark.timeout(600)
+@pytest.mark.slow  # the same > 1 min outage runs in the default suite through a whole training run
+@pytest.mark.timeout(600)  # (test_reliability.py::test_an_mlflow_outage_mid_training_loses_nothing)
 def test_outage_loses_nothing(tmp_path, caplog, fast_http_env):
     """Issue 22: a real server SIGKILLed mid-run and back after more than a minute (longer than
     the HTTP retries and the shipper's longest backoff): the run holds every logged step once,
