@@ -151,37 +151,18 @@ def register_toy_generators():
 def fake_inputs():
     """tests/fake_inputs.py: builders of user inputs in their real on-disk formats (image folders,
     CIFAR-10 pickles, CelebA zip/folder, LSUN lmdb, cat2dog domains, torch-fidelity weights)."""
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    name = "fdrl_test_fake_inputs"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("fake_inputs.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return _test_module("fake_inputs.py")
 
 
 @pytest.fixture(scope="session")
 def hooks():
     """tests/train_hooks.py: test-only wrappers of the production training loop, registered to
     be pickled by value so Ray workers (which cannot import test modules) receive them whole."""
-    import importlib.util
-    import sys
-    from pathlib import Path
-
     import cloudpickle
 
-    name = "fdrl_test_train_hooks"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("train_hooks.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-        cloudpickle.register_pickle_by_value(module)
-    return sys.modules[name]
+    module = _test_module("train_hooks.py")
+    cloudpickle.register_pickle_by_value(module)
+    return module
 
 
 @pytest.fixture(scope="session")
@@ -214,19 +195,23 @@ def train():
 # --- Object storage and an MLflow server with auth (tests/servers.py) -------------------------
 
 def _servers():
-    """tests/servers.py as a module. Loaded by path: with --import-mode=importlib, and another
-    installed package named `tests` (torch-fidelity's), `import tests.servers` is unreliable."""
+    return _test_module("servers.py")
+
+
+def _test_module(filename: str):
+    """tests/<filename> as a module, loaded once by path: with --import-mode=importlib, and another
+    installed package named `tests` (torch-fidelity's), `import tests.<name>` is unreliable."""
     import importlib.util
     import sys
     from pathlib import Path
 
-    if "fdrl_test_servers" not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            "fdrl_test_servers", Path(__file__).with_name("servers.py"))
+    name = "fdrl_test_" + filename.removesuffix(".py")
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(filename))
         module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
+        sys.modules[name] = module
         spec.loader.exec_module(module)
-    return sys.modules["fdrl_test_servers"]
+    return sys.modules[name]
 
 
 @pytest.fixture(scope="session")

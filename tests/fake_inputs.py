@@ -136,15 +136,14 @@ def cat2dog(root, counts, size=100):
 # ------------------------------------------------------------------------- Inception weights
 
 
-def torch_fidelity_weights(path):
-    """torch-fidelity's ``weights-inception-2015-12-05-6726825d.pth`` layout, made from the
-    packaged TF Inception (the real file cannot be fetched here): the inverse of
+def torch_fidelity_state(module) -> dict:
+    """A TorchScript Inception's tensors under torch-fidelity's names: the inverse of
     ``fdrl.eval.inception.torch_fidelity_names``."""
     import torch
 
-    from fdrl.eval.inception import load_inception, torch_fidelity_names
+    from fdrl.eval.inception import torch_fidelity_names
 
-    params = dict(load_inception()[0].named_parameters())
+    params = dict(module.named_parameters())
     state = {}
     for src, dst in torch_fidelity_names().items():
         state[f"{src}.conv.weight"] = params[f"{dst}.weight"].detach().clone()
@@ -153,5 +152,15 @@ def torch_fidelity_weights(path):
         state[f"{src}.bn.running_var"] = params[f"{dst}.var"].detach().clone()
         state[f"{src}.bn.weight"] = torch.ones_like(state[f"{src}.bn.bias"])
     state["fc.weight"], state["fc.bias"] = torch.zeros(1008, 2048), torch.zeros(1008)
-    torch.save(state, path)
+    return state
+
+
+def torch_fidelity_weights(path):
+    """torch-fidelity's ``weights-inception-2015-12-05-6726825d.pth`` layout, made from the
+    packaged TF Inception (the real file cannot be fetched here)."""
+    import torch
+
+    from fdrl.eval.inception import load_inception
+
+    torch.save(torch_fidelity_state(load_inception()[0]), path)
     return Path(path)

@@ -52,24 +52,10 @@ def test_env_var_selects_the_file(tmp_path, monkeypatch):
         load_inception()
 
 
-def _as_torch_fidelity_state(module) -> dict:
-    """The inverse of the mapping: the TorchScript tensors under torch-fidelity's names."""
-    params = dict(module.named_parameters())
-    state = {}
-    for src, dst in torch_fidelity_names().items():
-        state[f"{src}.conv.weight"] = params[f"{dst}.weight"].detach().clone()
-        state[f"{src}.bn.bias"] = params[f"{dst}.beta"].detach().clone()
-        state[f"{src}.bn.running_mean"] = params[f"{dst}.mean"].detach().clone()
-        state[f"{src}.bn.running_var"] = params[f"{dst}.var"].detach().clone()
-        state[f"{src}.bn.weight"] = torch.ones_like(state[f"{src}.bn.bias"])
-    state["fc.weight"], state["fc.bias"] = torch.zeros(1008, 2048), torch.zeros(1008)
-    return state
-
-
-def test_torch_fidelity_state_dict_maps_onto_every_tensor(tmp_path):
+def test_torch_fidelity_state_dict_maps_onto_every_tensor(tmp_path, fake_inputs):
     scripted, _ = load_inception()
     assert len(torch_fidelity_names()) * 4 == len(dict(scripted.named_parameters()))
-    state = _as_torch_fidelity_state(scripted)
+    state = fake_inputs.torch_fidelity_state(scripted)
     # Perturb one tensor so the test sees that the file's values, not the packaged ones, are used.
     state["Mixed_7c.branch_pool.conv.weight"] += 1.0
     torch.save(state, tmp_path / "weights-inception-2015-12-05-6726825d.pth")
@@ -83,9 +69,9 @@ def test_torch_fidelity_state_dict_maps_onto_every_tensor(tmp_path):
             assert torch.equal(a[name], b[name]), name
 
 
-def test_state_dict_with_batch_norm_scale_is_refused(tmp_path):
+def test_state_dict_with_batch_norm_scale_is_refused(tmp_path, fake_inputs):
     scripted, _ = load_inception()
-    state = _as_torch_fidelity_state(scripted)
+    state = fake_inputs.torch_fidelity_state(scripted)
     state["Mixed_5b.branch1x1.bn.weight"] *= 2
     torch.save(state, tmp_path / "w.pth")
     with pytest.raises(ValueError, match="bn.weight"):

@@ -95,7 +95,7 @@ def test_bad_labels_shapes_and_phi_are_refused(setup):
     with pytest.raises(ValueError, match="phi must be >= 0"):
         class_potential(clf, 0, -0.1, lr)
     with pytest.raises(ValueError, match="outside the classifier's classes"):
-        class_potential(clf, 5, 0.1, lr).guided_output(torch.zeros(2, D), torch.zeros(2))
+        class_potential(clf, 5, 0.1, lr).potential(torch.zeros(2, D), torch.zeros(2))
 
 
 class ExpR(nn.Module):
@@ -109,34 +109,50 @@ class ExpR(nn.Module):
         return torch.exp(x.flatten(1) @ self.a)
 
 
+@pytest.mark.parametrize("pairing_name", ["lsif-chi2", "lr-js", "lr-logd"])
 @pytest.mark.parametrize("phi", [0.0, 0.3, 1.0])
-def test_lsif_guidance_is_f_prime_of_the_guided_ratio(setup, phi):
-    """LSIF: x <- x - eta grad 2 r~ with r~ = r (N p(y|x))^-phi, so the drift is
-    2 eta r~ (a - phi grad log p): the LR-KL guided drift times a positive factor, for the same
-    ratio. phi means one strength whatever the pairing."""
+def test_every_pairing_takes_the_guided_direction_at_its_own_speed(setup, phi, pairing_name):
+    """x <- x - eta s(r) (a - phi grad log p): LR-KL's guided direction, scaled by the pairing's
+    unguided speed at the network's r (LSIF: 2r, JS: sigmoid(-log r), logD: sigmoid(log r)), so
+    phi means one strength whatever the pairing."""
     a, w, b, x0 = setup
-    a = 0.3 * a  # keep r~ moderate
+    a = 0.3 * a
     clf, label, eta = linear_classifier(w, b), 1, 0.05
     one_step = FlowSettings(flow_steps=1, extra_steps=0, eta=eta, nu=0.0)
     start = torch.as_tensor(x0, dtype=torch.float32)
-
-    def drift(net, pairing):
-        out = sample(net, pairing, one_step, seed=0, start=start,
-                     extra_potential=class_potential(clf, label, phi, pairing)).x.double().numpy()
-        return x0 - out
-
-    lsif, kl = drift(ExpR(a), get_pairing("lsif-chi2")), drift(LinearLogR(a), get_pairing("lr-kl"))
-    logits = x0 @ w.T + b
-    log_p = logits[:, label] - np.log(np.exp(logits).sum(1))
-    r_tilde = np.exp(x0 @ a) * np.exp(-phi * (log_p + np.log(N_CLASSES)))
+    pairing = get_pairing(pairing_name)
+    net = ExpR(a) if pairing.output == "r" else LinearLogR(a)
+    moved = x0 - sample(net, pairing, one_step, seed=0, start=start,
+                        extra_potential=class_potential(clf, label, phi, pairing)).x.double().numpy()
+    log_r = x0 @ a
+    speed = {"lsif-chi2": 2 * np.exp(log_r), "lr-js": 1 / (1 + np.exp(log_r)),
+             "lr-logd": 1 / (1 + np.exp(-log_r))}[pairing_name]
     direction = a[None, :] - phi * grad_log_softmax(w, b, x0, label)
-    np.testing.assert_allclose(kl, eta * direction, atol=1e-5)
-    np.testing.assert_allclose(lsif, 2 * eta * r_tilde[:, None] * direction, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(moved, eta * speed[:, None] * direction, rtol=1e-4, atol=1e-6)
+
+
+def test_lsif_guidance_stays_bounded_where_the_class_is_unlikely(setup):
+    """Far from the label's region p(y|x) is ~1e-40: the guided step stays the size of the
+    classifier's own gradient, where f' of r~ = r (N p)^-phi would be about 1e12 times larger."""
+    a, w, b, _ = setup
+    clf = linear_classifier(30 * w, 30 * b)
+    far = torch.as_tensor(-4.0 * w[1][None, :], dtype=torch.float32)  # deep in other classes
+    with torch.no_grad():
+        log_p = torch.log_softmax(clf(far), dim=1)[0, 1].item()
+    assert log_p < -50
+    pairing, eta = get_pairing("lsif-chi2"), 0.05
+    one_step = FlowSettings(flow_steps=1, extra_steps=0, eta=eta, nu=0.0)
+    moved = far - sample(ExpR(0.0 * a), pairing, one_step, seed=0, start=far,
+                         extra_potential=class_potential(clf, 1, 1.0, pairing)).x
+    bound = 2 * eta * 30 * 2 * np.abs(w).sum(1).max()  # s = 2r = 2, |grad log p| <= 2 max |30 W_k|
+    assert torch.isfinite(moved).all() and moved.abs().max().item() <= bound
 
 
 def test_lsif_guidance_leaves_a_non_positive_ratio_alone(setup):
     a, w, b, _ = setup
     guide = class_potential(linear_classifier(w, b), 0, 1.0, get_pairing("lsif-chi2"))
     out = torch.tensor([-0.5, 0.0, 2.0])
-    got = guide.guided_output(torch.zeros(3, D), out)
-    assert got[0] == -0.5 and got[1] == 0.0 and got[2] != 2.0
+    assert guide.speed(out).tolist() == [0.0, 0.0, 4.0]
+    x = torch.zeros(3, D)
+    got = guide.potential(x, out)
+    assert got[0] == -1.0 and got[1] == 0.0 and got[2] != 4.0  # f'(r) = 2r, guided only at r > 0

@@ -23,9 +23,9 @@ from fdrl.core.divergences import Pairing
 from fdrl.core.precision import check_precision, network_output
 
 # An extra per-sample term of the flow's potential. A plain callable maps a batch x to a tensor of
-# shape (batch,) that is added to f'(r(x)). An object with ``guided_output(x, out)`` instead
-# rewrites the network's output before f' (class guidance derived from its target,
-# ``fdrl.core.guidance.ClassGuide``), so each pairing's own f' applies to the guided ratio.
+# shape (batch,) that is added to f'(r(x)). An object with ``potential(x, out)`` (class guidance,
+# ``fdrl.core.guidance.ClassGuide``) instead gives the whole potential from x and the network's
+# output, so the guide can scale its term by the pairing's speed at r.
 Potential = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -119,8 +119,8 @@ def flow(
             x_in = x.detach().requires_grad_(True)
             with torch.enable_grad():
                 out = network_output(net, x_in, precision)
-                if hasattr(extra_potential, "guided_output"):
-                    potential = pairing.f_prime(extra_potential.guided_output(x_in, out))
+                if hasattr(extra_potential, "potential"):  # a class guide (core.guidance)
+                    potential = extra_potential.potential(x_in, out)
                 else:
                     potential = pairing.f_prime(out)
                     if extra_potential is not None:

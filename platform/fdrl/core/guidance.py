@@ -1,22 +1,24 @@
 """Class guidance: compose an unconditional ratio with a classifier (FDRL eqs. 29-31).
 
-The guided flow is derived from its target, p~(x) = p(x) p(y=n|x)^phi / Z (phi = 1: the class
-conditional p(x|y=n), eq. 29; phi = 0: unconditional). Its ratio is
-r~ = q/p~ = r(x) (N p(y=n|x))^-phi, taking Z = N^-phi (exact at phi = 0 and 1, N classes), and the
-flow uses the pairing's own f' of r~:
+The guided target is p~(x) = p(x) p(y=n|x)^phi / Z (phi = 1: the class conditional p(x|y=n),
+eq. 29; phi = 0: unconditional). Its ratio is r~ = q/p~ = r(x) (N p(y=n|x))^-phi, taking
+Z = N^-phi (exact at phi = 0 and 1, N classes), so log r~ = log r - phi (log p(y=n|x) + log N).
 
-* LR pairings (output o = log r): o~ = o - phi (log p(y=n|x) + log N). For LR-KL, f' = o~ gives
-  eq. 31: x <- x - eta grad(log r - phi log p(y=n|x)) + nu xi. The paper writes the step as 2 eta;
-  the 2 scales both terms alike, so it is a step size (``--eta``), not a guidance strength.
-* LSIF (output o = r): o~ = o (N p(y=n|x))^-phi where o > 0 (a ratio; where the network's r is
-  not positive it is left alone), and f' = 2 o~.
+Every pairing's unguided flow moves along -grad log r at its own speed s(r) = d f'/d log r
+(LR-KL: 1; LR-JS: sigmoid(-log r); LR-logD: sigmoid(log r); LSIF-chi2: 2r). The guided flow keeps
+that speed and takes the guided direction:
 
-So phi is the same strength for every pairing: near r = 1 the drift is grad log r - phi grad log p
-up to a positive factor. (Adding -phi log p(y|x) to f' instead, as before, made LSIF's guidance
-relatively half as strong and scale-dependent on r.)
+    x <- x - eta s(r) grad(log r - phi log p(y=n|x)) + nu xi
 
-The guide enters through the one sampler's ``extra_potential`` hook, so conditional samples keep
-the per-chunk seeding of unconditional ones.
+For LR-KL this is eq. 31. So phi is one guidance strength whatever the pairing: it weighs
+grad log p(y|x) against grad log r. The speed is the pairing's at the network's own r, not at r~:
+applying f' to r~ itself (s(r~)) multiplies LSIF's step by (N p(y=n|x))^-phi, which grows without
+bound where the class is unlikely and made samples diverge at phi = 0.3 (BENCHMARKS.md,
+"Compositions at their defaults"). Where LSIF's network gives r <= 0 the speed is 0 for the guide.
+
+The paper writes eq. 31's step as 2 eta; the 2 scales both terms alike, so it is a step size
+(``--eta``), not a guidance strength. The guide enters through the one sampler's
+``extra_potential`` hook, so conditional samples keep the per-chunk seeding of unconditional ones.
 """
 
 from __future__ import annotations
@@ -49,8 +51,8 @@ def check_classifier_fits(classifier: nn.Module, in_shape: Sequence[int], num_cl
 
 
 class ClassGuide:
-    """The guided output o~ of one label (module docstring); ``fdrl.core.flow.flow`` applies the
-    pairing's f' to it. The classifier must be in eval mode with frozen parameters."""
+    """The guided potential of one label (module docstring); ``fdrl.core.flow.flow`` takes the
+    gradient of ``potential(x, out)``. The classifier must be in eval mode with frozen parameters."""
 
     def __init__(self, classifier: nn.Module, label: int, phi: float, pairing: Pairing):
         if not phi >= 0:
@@ -58,20 +60,27 @@ class ClassGuide:
         self.classifier, self.label, self.phi, self.pairing = classifier, int(label), float(phi), pairing
 
     def log_weight(self, x: torch.Tensor) -> torch.Tensor:
-        """-phi * log(N p(y=label|x)) per sample: log of the factor r~/r."""
+        """-phi * log(N p(y=label|x)) per sample: log r~ - log r."""
         log_p = torch.log_softmax(self.classifier(x).float(), dim=1)
         n = log_p.shape[1]
         if not 0 <= self.label < n:
             raise ValueError(f"label {self.label} outside the classifier's classes 0..{n - 1}")
         return -self.phi * (log_p[:, self.label] + math.log(n))
 
-    def guided_output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def speed(self, out: torch.Tensor) -> torch.Tensor:
+        """s(r) = d f'/d log r at the network's output, per sample, detached and >= 0."""
+        o = out.detach().float().requires_grad_(True)
+        with torch.enable_grad():
+            (slope,) = torch.autograd.grad(self.pairing.f_prime(o).sum(), o)
+        per_log_r = slope * o if self.pairing.output == "r" else slope  # d o / d log r = r or 1
+        return per_log_r.clamp(min=0).detach()
+
+    def potential(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """f'(out) + s(r) * log_weight(x): its gradient is s(r) grad(log r - phi log p(y|x))."""
+        base = self.pairing.f_prime(out)
         if self.phi == 0:
-            return out
-        w = self.log_weight(x)
-        if self.pairing.output == "log_r":
-            return out + w
-        return torch.where(out > 0, out * w.exp(), out)
+            return base
+        return base + self.speed(out) * self.log_weight(x)
 
 
 def class_potential(classifier: nn.Module, label: int, phi: float, pairing: Pairing) -> ClassGuide:
