@@ -5,7 +5,7 @@
 Class-conditional (FDRL eq. 31, a registered classifier guiding the flow with weight --phi):
 
     python jobs/sample.py --model models:/fdrl-mnist@champion --classifier models:/classifier-mnist@candidate \
-        --label all --n 100 --phi 0.1 --out cond/
+        --label all --n 100 --phi 0.5 --out cond/
 
 writes OUT/samples.npy (classes x N x C x H x W; N x C x H x W for one label), labels.npy and
 grid.png (one row per class), and logs the run with its grid to MLflow (experiment fdrl-sampling).
@@ -38,7 +38,8 @@ def main(argv=None) -> int:
                    "not used with --input")
     p.add_argument("--classifier", help="models:/NAME@ALIAS (or a folder) of the guiding classifier")
     p.add_argument("--label", help="class to generate: an index, indices like 1,7, or 'all' (one row each)")
-    p.add_argument("--phi", type=float, default=0.1, help="guidance weight (eq. 31)")
+    p.add_argument("--phi", type=float, default=0.5,
+                   help="guidance weight (eq. 31; 0.5 is the best measured on MNIST-5k, BENCHMARKS.md)")
     p.add_argument("--input", help="translate: a shard folder or .npy of source images")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--seed", type=int, default=0)

@@ -334,7 +334,7 @@ COMMANDS: dict[str, Run | NotHere] = {
     # --- docs/compose.md ---------------------------------------------------------------------
     ".venv/bin/python jobs/train_classifier.py --epochs 6": Run(add=CLASSIFIER),
     ".venv/bin/python jobs/sample.py --model models:/fdrl-mnist@candidate --classifier "
-    "models:/classifier-mnist@candidate --label all --n 100 --phi 0.1 --out runs/cond": Run(add="--n 2"),
+    "models:/classifier-mnist@candidate --label all --n 100 --phi 0.5 --out runs/cond": Run(add="--n 2"),
     ".venv/bin/python datasets/prepare.py sklearn-digits --out data/digits --shard-size 300":
         Run(add=PREPARE),
     ".venv/bin/python jobs/fdrl_translate.py --source data/digits --target data/mnist5k --steps 400":

@@ -147,7 +147,7 @@ def _log_run(tracking_uri, params: dict, files: Sequence[Path], tags: dict) -> O
 
 
 def conditional_to_dir(model_uri: str, classifier_uri: str, label: str, n: int,
-                       out_dir: str | Path, phi: float = 0.1, seed: int = 0, workers: int = 1,
+                       out_dir: str | Path, phi: float = 0.5, seed: int = 0, workers: int = 1,
                        chunk: int = CHUNK, tracking_uri: Optional[str] = None,
                        progress: bool = True, log: bool = True, **flow_overrides) -> dict:
     """Class-conditional samples: ``n`` per label, in ``out_dir``: samples.npy
