@@ -346,7 +346,7 @@ COMMANDS: dict[str, Run | NotHere] = {
     # the run above is complete: resuming it registers its final checkpoint again
     "python jobs/train_gan.py --dataset 25gaussians --seed 0 --resume": Run(add=GAN),
     "python jobs/train_gan.py --dataset 25gaussians --seed 0 --gp-weight 0.1 "
-    "--register-name gan-25gaussians-gp0.1": Run(add=GAN),
+    "--register-name gan-25gaussians-gp01": Run(add=GAN),
     "python jobs/refine.py --generator models:/gan-25gaussians@candidate --space data --f kl --n 5000 "
     "--out runs/r": Run(add=REFINE),
     "python jobs/refine.py --generator models:/gan-25gaussians@candidate --method dot --out runs/dot":

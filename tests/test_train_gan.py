@@ -28,6 +28,20 @@ def test_gradient_penalty_is_zero_for_a_unit_slope_critic():
         critic_loss("lsgan", critic, torch.zeros(2, 2), torch.zeros(2, 2), gen)
 
 
+def test_a_name_mlflow_would_refuse_at_the_end_is_refused_before_training(load_job, capsys):
+    """MLflow refuses '.' in a logged model's name only when the trained model is logged."""
+    from fdrl.config import TrainConfig
+    from fdrl.distributed.gan_worker import GenConfig
+
+    with pytest.raises(ValueError, match=r"--register-name 'gan-gp0.1': a model name cannot contain \."):
+        GenConfig(register_name="gan-gp0.1").validate()
+    with pytest.raises(ValueError, match=r"cannot contain / :"):
+        TrainConfig(register_name="a/b:c").validate()
+    with pytest.raises(SystemExit, match="a model name cannot contain"):
+        load_job("train_gan").main(["--dataset", "25gaussians", "--register-name", "x.y"])
+    GenConfig(register_name="gan-25gaussians-gp01").validate()
+
+
 @pytest.mark.timeout(600)
 def test_train_gan_registers_generator_and_critic(tmp_path, ray_cluster, load_job):
     job = load_job("train_gan")

@@ -120,6 +120,7 @@ class TrainConfig:
             raise ValueError(f"batch {self.batch} must split evenly over {self.workers} workers")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+        check_model_name(self.register_name)
         if self.gpu not in GPU_CHOICES:
             raise ValueError(f"--gpu {self.gpu!r}: valid values are {', '.join(GPU_CHOICES)}")
         from fdrl.core.networks import NET_SIZES
@@ -130,6 +131,18 @@ class TrainConfig:
             raise ValueError(f"--eval-every {self.eval_every} needs --eval-classifier (a folder or "
                              "models:/NAME@ALIAS; jobs/train_classifier.py trains one)")
         return self
+
+
+MODEL_NAME_FORBIDDEN = "/:.%\"'"  # MLflow refuses these in a logged model's name
+
+
+def check_model_name(name: str, flag: str = "--register-name") -> None:
+    """Refuse a model name MLflow would refuse only when the trained model is logged, at the end
+    of the run; "" (the default name) passes."""
+    bad = sorted({c for c in name if c in MODEL_NAME_FORBIDDEN or c.isspace()})
+    if bad:
+        raise ValueError(f"{flag} {name!r}: a model name cannot contain {' '.join(bad)} "
+                         "(MLflow refuses it when the model is logged)")
 
 
 def storage_root(given, *under: str) -> str:

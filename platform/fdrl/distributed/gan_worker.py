@@ -21,6 +21,7 @@ import ray.train
 import torch
 import torch.distributed as dist
 
+from fdrl.config import check_model_name
 from fdrl.core.gan import LOSSES, critic_loss, generator_loss, vae_loss
 from fdrl.core.generator_nets import build_net
 
@@ -67,6 +68,7 @@ class GenConfig:
         for name in ("steps", "workers", "batch", "critic_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_model_name(self.register_name)
         if self.checkpoint_every < 0 or self.gp_weight < 0 or self.keep_checkpoints < 1:
             raise ValueError(f"checkpoint_every and gp_weight must be >= 0 and keep_checkpoints >= 1, "
                              f"got {self.checkpoint_every}, {self.gp_weight}, {self.keep_checkpoints}")

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import torch
 
 from fdrl.data import storage
+from fdrl.config import check_model_name
 from fdrl.eval.classifier import (ClassifierConfig, PGDSettings, load_labeled, save_classifier,
                                   strided_subset, train_classifier)
 
@@ -31,6 +32,8 @@ def train_and_register(**options) -> dict:
         args.dataset = args.dataset or "mnist"
     args.dataset = args.dataset or storage.name(storage.resolve(args.data))
     args.name = args.name or f"classifier-{args.dataset}"
+    if not args.no_register:
+        check_model_name(args.name, "--name (or the --dataset it defaults from)")
     adversary = PGDSettings(args.pgd_eps, args.pgd_steps, args.pgd_step_size) if args.pgd_eps else None
     images, labels, keys = load_labeled(args.data)
     digest = manifest_hash(args.data)
