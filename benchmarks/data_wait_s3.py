@@ -43,6 +43,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        (tmp / "s3").mkdir()
         s3 = _servers().S3Server(tmp / "s3").start()
         try:
             os.environ.update(s3.env())
