@@ -30,7 +30,7 @@ import tempfile
 import threading
 import uuid
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Optional
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -339,6 +339,16 @@ def glob(path, pattern: str) -> list[str]:
     """Full paths of the direct children whose names match ``pattern`` (fnmatch), sorted."""
     path = resolve(path)
     return [join(path, n) for n in listdir(path) if fnmatch.fnmatchcase(n, pattern)]
+
+
+def latest_folder(root, pattern: str, marker: str) -> Optional[str]:
+    """The name of the folder under ``root`` matching ``pattern`` whose ``marker`` file was
+    written last (a run's run-info file, for --resume), or None."""
+    if not is_dir(root):
+        return None
+    found = [(mtime(join(folder, marker)), name(folder)) for folder in glob(root, pattern)
+             if is_file(join(folder, marker))]
+    return max(found)[1] if found else None
 
 
 # ---------------------------------------------------------------------------------------------

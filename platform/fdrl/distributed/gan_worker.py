@@ -24,6 +24,7 @@ import torch.distributed as dist
 from fdrl.config import check_model_name
 from fdrl.core.gan import LOSSES, critic_loss, generator_loss, vae_loss
 from fdrl.core.generator_nets import build_net
+from fdrl.distributed.trainer import gather
 
 DATASETS = ("25gaussians", "swissroll", "mnist")
 
@@ -173,12 +174,7 @@ def report(nets, opts, gen, step, metrics, rank, world) -> None:
     every rank's RNG states (gathered to rank 0), so that a restart continues the same stream."""
     from safetensors.torch import save_file
 
-    mine = {"generator": gen.get_state(), "torch": torch.get_rng_state()}
-    ranks = [None] * world
-    if world > 1:
-        dist.all_gather_object(ranks, mine)
-    else:
-        ranks = [mine]
+    ranks = gather({"generator": gen.get_state(), "torch": torch.get_rng_state()}, world)
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = None
         if rank == 0:

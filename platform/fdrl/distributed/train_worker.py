@@ -24,7 +24,6 @@ from typing import Optional
 import ray.train
 import ray.train.torch
 import torch
-import torch.distributed as dist
 
 from fdrl.config import TrainConfig
 from fdrl.core.acceleration import compile_network, to_channels_last
@@ -41,6 +40,7 @@ from fdrl.data.manifest import ShardSet, open_shard_set
 from fdrl.data.prefetch import BatchPrefetcher
 from fdrl.data.source_prior import SourcePrior, check_domains
 from fdrl.data.stream import ShardStream
+from fdrl.distributed.trainer import gather
 
 GRID_SEED_OFFSET = 12345  # grids draw from their own seed, apart from the training stream
 
@@ -172,21 +172,13 @@ def report(cfg: TrainConfig, state: TrainState, metrics: dict, evaluations, rank
     if step % cfg.checkpoint_every and not final:
         ray.train.report(metrics)
         return
-    rank_states = _gather(rank_state_now(), world)
+    rank_states = gather(rank_state_now(), world)
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if evaluations is not None:
             save_checkpoint(tmp, state, cfg.to_dict(), rank_states)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint)
-
-
-def _gather(obj, world: int) -> list:
-    if world == 1:
-        return [obj]
-    out = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
 
 
 class RankZeroEvaluations:

@@ -126,6 +126,17 @@ def _drain(queue, on_report) -> None:
             logging.getLogger("fdrl.trainer").exception("handling a report failed")
 
 
+def gather(obj, world: int) -> list:
+    """Every rank's ``obj``, in rank order, on every rank (inside a training loop)."""
+    if world == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def classify(err: BaseException) -> tuple[bool, BaseException, str]:
     """(retry?, the cause, one line naming it) for a failed ``trainer.fit()``. A lost process or
     node among the workers' errors makes the run retryable. When a rank dies, the others fail with

@@ -55,8 +55,7 @@ def train_generator(cfg: GenConfig, train_loop=gan_loop_per_worker) -> dict:
     if not started:
         tracker.log_params({k: v for k, v in asdict(cfg).items() if k not in ("specs", "resume")})
         tracker.set_tags({"dataset": cfg.dataset, "git_commit": git_commit() or "unknown"})
-        storage.write_text(info_path, json.dumps({"mlflow_run_id": tracker.run_id,
-                                                  "created": time.time()}))
+        storage.write_text(info_path, json.dumps({"mlflow_run_id": tracker.run_id}))
 
     def on_report(metrics: dict, checkpoint) -> None:
         step = int(metrics.pop("step"))
@@ -97,12 +96,10 @@ def _latest_run(root: str, name: str, seed: int) -> str:
     """The run folder of ``name`` and ``seed`` under ``root`` created last."""
     from fdrl.data import storage
 
-    runs = [(json.loads(storage.read_text(storage.join(run, RUN_INFO)))["created"], storage.name(run))
-            for run in (storage.glob(root, f"{name}-s{seed}-*") if storage.is_dir(root) else [])
-            if storage.is_file(storage.join(run, RUN_INFO))]
-    if not runs:
+    latest = storage.latest_folder(root, f"{name}-s{seed}-*", RUN_INFO)
+    if latest is None:
         raise FileNotFoundError(f"resume: no run of {name} seed {seed} under {root}")
-    return max(runs)[1]
+    return latest
 
 
 def train_corrector(generator_uri: str, reference_uri: Optional[str] = None, *, iters: int = 10_000,

@@ -70,13 +70,10 @@ def _run_name(cfg: TrainConfig, root: str, now: datetime) -> str:
     if cfg.run_name:
         return cfg.run_name
     if cfg.resume:  # the run whose run info was written last
-        infos = [storage.join(root, name, RUN_INFO) for name in storage.listdir(root)
-                 if name.startswith(f"{cfg.dataset}-")]
-        runs = sorted((storage.mtime(i), storage.name(storage.parent(i))) for i in infos
-                      if storage.is_file(i))
-        if not runs:
+        latest = storage.latest_folder(root, f"{cfg.dataset}-*", RUN_INFO)
+        if latest is None:
             raise FileNotFoundError(f"--resume: no run of {cfg.dataset!r} under {root}")
-        return runs[-1][1]
+        return latest
     return f"{cfg.dataset}-{now:%Y%m%d-%H%M%S}"
 
 
