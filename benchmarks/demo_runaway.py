@@ -19,7 +19,6 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 
 CURVE_METRICS = ("loss", "log_r_data", "log_r_flowed", "grad_norm")
