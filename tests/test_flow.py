@@ -56,7 +56,7 @@ def test_extra_potential_enters_the_gradient(net):
     pairing = get_pairing("lr-kl")
     x = torch.randn(8, 2)
     plain = flow(net, x, pairing, 1, 1.0, 0.0)
-    pulled = flow(net, x, pairing, 1, 1.0, 0.0, extra_potential=lambda z: (z**2).sum(-1))
+    pulled = flow(net, x, pairing, 1, 1.0, 0.0, extra_potential=lambda z, _out: (z**2).sum(-1))
     torch.testing.assert_close(pulled, plain - 2 * x)  # grad of |x|^2 is 2x
 
 

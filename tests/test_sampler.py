@@ -67,7 +67,7 @@ def test_given_starting_points_replace_the_prior(model):
 def test_extra_potential_enters_the_drift(model):
     net, pairing, prior = model
     pull = sample(net, pairing, FLOW, 64, seed=0, prior=prior,
-                  extra_potential=lambda x: -10.0 * x[:, 0]).x  # potential falls along +x0
+                  extra_potential=lambda x, _out: -10.0 * x[:, 0]).x  # potential falls along +x0
     free = sample(net, pairing, FLOW, 64, seed=0, prior=prior).x
     shift = (pull - free)[:, 0]
     # Each step adds eta * 10 to x0 (the net's own drift differs a little at the moved points).

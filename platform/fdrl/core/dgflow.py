@@ -156,7 +156,7 @@ def refine_chunk(settings: RefineSettings, logit: nn.Module, seed: int, index: i
     if settings.space == "latent":
         net = LogRatio(logit, generator)
         prior = GaussianLatent((latent_dim,))
-        extra = (lambda z: 0.5 * z.flatten(1).pow(2).sum(1)) if settings.method == "ddls" else None
+        extra = (lambda z, _out: 0.5 * z.flatten(1).pow(2).sum(1)) if settings.method == "ddls" else None
     else:
         net = LogRatio(logit)
         prior = None if start is not None else Pushforward(generator, latent_dim, data_shape)

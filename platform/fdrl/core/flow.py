@@ -22,11 +22,10 @@ from torch.nn.utils import parametrize
 from fdrl.core.divergences import Pairing
 from fdrl.core.precision import check_precision, network_output
 
-# An extra per-sample term of the flow's potential. A plain callable maps a batch x to a tensor of
-# shape (batch,) that is added to f'(r(x)). An object with ``potential(x, out)`` (class guidance,
-# ``fdrl.core.guidance.ClassGuide``) instead gives the whole potential from x and the network's
-# output, so the guide can scale its term by the pairing's speed at r.
-Potential = Callable[[torch.Tensor], torch.Tensor]
+# An extra per-sample term of the flow's potential: called with the batch x and the network's
+# output at x, it returns a tensor of shape (batch,) that is added to f'(r(x)). The output lets a
+# term depend on r (class guidance scales its term by the pairing's speed at r).
+Potential = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def check_flow_args(steps: int, eta: float, nu: float) -> None:
@@ -119,12 +118,9 @@ def flow(
             x_in = x.detach().requires_grad_(True)
             with torch.enable_grad():
                 out = network_output(net, x_in, precision)
-                if hasattr(extra_potential, "potential"):  # a class guide (core.guidance)
-                    potential = extra_potential.potential(x_in, out)
-                else:
-                    potential = pairing.f_prime(out)
-                    if extra_potential is not None:
-                        potential = potential + extra_potential(x_in)
+                potential = pairing.f_prime(out)
+                if extra_potential is not None:
+                    potential = potential + extra_potential(x_in, out)
                 # Samples are independent (no batch statistics), so the gradient of the sum
                 # is each sample's own gradient.
                 (grad,) = torch.autograd.grad(potential.sum(), x_in)

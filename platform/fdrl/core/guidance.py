@@ -51,8 +51,9 @@ def check_classifier_fits(classifier: nn.Module, in_shape: Sequence[int], num_cl
 
 
 class ClassGuide:
-    """The guided potential of one label (module docstring); ``fdrl.core.flow.flow`` takes the
-    gradient of ``potential(x, out)``. The classifier must be in eval mode with frozen parameters."""
+    """The guide of one label (module docstring): called with (x, out), the term that
+    ``fdrl.core.flow.flow`` adds to f'(out). The classifier must be in eval mode with frozen
+    parameters."""
 
     def __init__(self, classifier: nn.Module, label: int, phi: float, pairing: Pairing):
         if not phi >= 0:
@@ -75,12 +76,11 @@ class ClassGuide:
         per_log_r = slope * o if self.pairing.output == "r" else slope  # d o / d log r = r or 1
         return per_log_r.clamp(min=0).detach()
 
-    def potential(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """f'(out) + s(r) * log_weight(x): its gradient is s(r) grad(log r - phi log p(y|x))."""
-        base = self.pairing.f_prime(out)
+    def __call__(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """s(r) * log_weight(x): with f'(out) its gradient is s(r) grad(log r - phi log p(y|x))."""
         if self.phi == 0:
-            return base
-        return base + self.speed(out) * self.log_weight(x)
+            return torch.zeros_like(out, dtype=torch.float32)
+        return self.speed(out) * self.log_weight(x)
 
 
 def class_potential(classifier: nn.Module, label: int, phi: float, pairing: Pairing) -> ClassGuide:
