@@ -68,9 +68,10 @@ def test_train_gan_registers_generator_and_critic(tmp_path, ray_cluster, load_jo
 
 @pytest.mark.timeout(600)
 def test_interrupted_run_resumes_to_the_same_weights(tmp_path, ray_cluster, hooks):
-    """A run that crashes at step 6 (checkpoints every 2 steps), continued by a new job with
-    resume, ends at exactly the weights of the same run left uninterrupted: the checkpoint holds
-    the optimisers' and every rank's RNG states, not just the nets."""
+    """A run that crashes at step 6 (checkpoints every 2 steps), whose latest checkpoint is then
+    torn, continued by a new job with resume, ends at exactly the weights of the same run left
+    uninterrupted: the torn checkpoint fails its sha256 check and the one before it is used, and a
+    checkpoint holds the optimisers' and every rank's RNG states, not just the nets."""
     from fdrl.distributed.gan_worker import GenConfig
     from fdrl.distributed.trainer import RunFailed
     from fdrl.workflows.generators import RUN_INFO, train_generator
@@ -86,6 +87,10 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, ray_cluster, hook
         train_generator(cfg("cut"), train_loop=hooks.gan_raises_at(6, RuntimeError("simulated crash")))
     with pytest.raises(FileExistsError, match="pass resume"):  # a plain rerun would silently resume
         train_generator(cfg("cut"))
+    latest = sorted((tmp_path / "cut" / "run").glob("checkpoint_[0-9]*"))[-1]
+    assert torch.load(latest / "state.pt", weights_only=True)["step"] == 4
+    weights = latest / "generator.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # torn by a crash
     resumed = train_generator(cfg("cut", resume=True))
     run_info = json.loads((tmp_path / "cut" / "run" / RUN_INFO).read_text())
     assert resumed["run_id"] == run_info["mlflow_run_id"]  # the same MLflow run, continued
@@ -98,8 +103,8 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, ray_cluster, hook
     for role in a:
         for k in a[role]:
             assert torch.equal(a[role][k], b[role][k]), (role, k)
-    # the resumed job restarted after the step-4 checkpoint: step 5 ran (and logged) twice
+    # the resumed job restarted after the step-2 checkpoint: steps 3 to 5 ran (and logged) twice
     client = MlflowClient(f"sqlite:///{tmp_path}/cut.db")
     steps = [m.step for m in client.get_metric_history(resumed["run_id"], "critic_loss")]
     assert sorted(set(steps)) == [1, 2, 3, 4, 5, 6]
-    assert steps.count(5) == 2 and steps.count(4) == 1 and steps.count(6) == 1
+    assert [steps.count(k) for k in (2, 3, 4, 5, 6)] == [1, 2, 2, 2, 1]

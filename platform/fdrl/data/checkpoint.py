@@ -43,17 +43,23 @@ def save_checkpoint(directory: str | Path, state: TrainState, config: dict,
     torch.save({"optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
                 "rank_states": rank_states}, d / "state.pt")
     (d / "meta.json").write_text(json.dumps({"step": state.step, "config": config, **(extra or {})}, indent=1))
-    hashes = {}
-    for name in FILES:
-        _fsync(d / name)
-        hashes[name] = hashlib.sha256((d / name).read_bytes()).hexdigest()
-    (d / MANIFEST).write_text(json.dumps({"step": state.step, "sha256": hashes}, indent=1))
-    _fsync(d / MANIFEST)
+    write_manifest(d, state.step, FILES)
     return d
 
 
-def verify_checkpoint(directory: str | Path) -> None:
-    """Raise ``CorruptCheckpointError`` naming what is wrong unless every file matches the
+def write_manifest(directory: str | Path, step: int, names) -> None:
+    """fsync the checkpoint's files ``names``, then write the manifest of their sha256, last."""
+    d = Path(directory)
+    hashes = {}
+    for name in names:
+        _fsync(d / name)
+        hashes[name] = hashlib.sha256((d / name).read_bytes()).hexdigest()
+    (d / MANIFEST).write_text(json.dumps({"step": step, "sha256": hashes}, indent=1))
+    _fsync(d / MANIFEST)
+
+
+def verify_checkpoint(directory: str | Path, names=FILES) -> None:
+    """Raise ``CorruptCheckpointError`` naming what is wrong unless each of ``names`` matches the
     manifest."""
     d = Path(directory)
     try:
@@ -61,7 +67,7 @@ def verify_checkpoint(directory: str | Path) -> None:
     except (OSError, ValueError, KeyError) as err:
         raise CorruptCheckpointError(f"checkpoint {d} has no readable {MANIFEST} ({err}): "
                                      "it was not completely written") from None
-    for name in FILES:
+    for name in names:
         try:
             digest = hashlib.sha256((d / name).read_bytes()).hexdigest()
         except OSError as err:

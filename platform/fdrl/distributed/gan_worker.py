@@ -24,7 +24,9 @@ import torch.distributed as dist
 from fdrl.config import check_model_name
 from fdrl.core.gan import LOSSES, critic_loss, generator_loss, vae_loss
 from fdrl.core.generator_nets import build_net
-from fdrl.distributed.trainer import gather
+from fdrl.data import storage
+from fdrl.data.checkpoint import verify_checkpoint, write_manifest
+from fdrl.distributed.trainer import gather, restore_newest_valid
 
 DATASETS = ("25gaussians", "swissroll", "mnist")
 
@@ -50,7 +52,7 @@ class GenConfig:
     experiment: str = "fdrl-generators"
     tracking_uri: str = ""
     register_name: str = ""  # default gan-<dataset> / vae-<dataset>
-    storage: str = ""  # where checkpoints go; empty: $FDRL_HOME/runs/generators (or ./runs/...)
+    storage: str = ""  # where checkpoints go; empty: $FDRL_HOME/runs/generators (the launcher resolves it)
     checkpoint_every: int = 1000  # generator steps between checkpoints (0: only at the end)
     keep_checkpoints: int = 2
     run_name: str = ""  # the run's folder under storage; default <name>-s<seed>-<time>
@@ -134,7 +136,7 @@ def gan_loop_per_worker(config: dict) -> None:
         d = nets["discriminator"]
         opts = {"critic": torch.optim.Adam(d.parameters(), lr=cfg.lr, betas=tuple(cfg.betas)),
                 "generator": torch.optim.Adam(g.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))}
-    first, before = restore(nets, opts, gen, rank, world)
+    first, before = restore(cfg, nets, opts, gen, rank, world)
     start = time.perf_counter() - before
     if first > cfg.steps:  # resumed from the final checkpoint: report it again as the result
         report(nets, opts, gen, cfg.steps, {"seconds": before}, rank, world)
@@ -171,7 +173,8 @@ def gan_loop_per_worker(config: dict) -> None:
 
 def report(nets, opts, gen, step, metrics, rank, world) -> None:
     """Report ``metrics`` with a checkpoint: weights (safetensors), optimiser states, the step and
-    every rank's RNG states (gathered to rank 0), so that a restart continues the same stream."""
+    every rank's RNG states (gathered to rank 0), so that a restart continues the same stream. The
+    sha256 manifest of ``fdrl.data.checkpoint``, written last, marks it complete."""
     from safetensors.torch import save_file
 
     ranks = gather({"generator": gen.get_state(), "torch": torch.get_rng_state()}, world)
@@ -184,22 +187,33 @@ def report(nets, opts, gen, step, metrics, rank, world) -> None:
             torch.save({"optimizers": {k: o.state_dict() for k, o in opts.items()}, "step": step,
                         "seconds": metrics.get("seconds", 0.0), "rank_states": ranks},
                        f"{tmp}/state.pt")
+            write_manifest(tmp, step, checkpoint_files(nets))
             ckpt = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report({**metrics, "step": step}, checkpoint=ckpt)
 
 
-def restore(nets, opts, gen, rank, world) -> tuple[int, float]:
-    """Load the run's latest checkpoint in place, if any; returns (the first step to run, the
-    seconds trained before it)."""
+def checkpoint_files(nets) -> list[str]:
+    return [f"{role}.safetensors" for role in nets] + ["state.pt"]
+
+
+def load_checkpoint(ckpt_dir: str, nets) -> dict:
+    """Verify the manifest, load the nets in place; returns the state blob."""
     from safetensors.torch import load_file
 
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
+    verify_checkpoint(ckpt_dir, checkpoint_files(nets))
+    for role, net in nets.items():
+        net.load_state_dict(load_file(f"{ckpt_dir}/{role}.safetensors"))
+    return torch.load(f"{ckpt_dir}/state.pt", weights_only=True)
+
+
+def restore(cfg: GenConfig, nets, opts, gen, rank, world) -> tuple[int, float]:
+    """Load the run's newest valid checkpoint in place, if any (one that fails its sha256 check is
+    skipped for the one before it); returns (the first step to run, the seconds trained before it)."""
+    blob = restore_newest_valid(storage.join(cfg.storage, cfg.run_name),
+                                lambda d: load_checkpoint(d, nets),
+                                lambda line: print(f"[rank {rank}] {line}", flush=True))
+    if blob is None:
         return 1, 0.0
-    with checkpoint.as_directory() as ckpt_dir:
-        for role, net in nets.items():
-            net.load_state_dict(load_file(f"{ckpt_dir}/{role}.safetensors"))
-        blob = torch.load(f"{ckpt_dir}/state.pt", weights_only=True)
     if len(blob["rank_states"]) != world:
         raise ValueError(f"checkpoint was written by {len(blob['rank_states'])} workers, this run "
                          f"has {world}: resume with --workers {len(blob['rank_states'])}")

@@ -34,13 +34,13 @@ from fdrl.core.priors import Prior, model_prior
 from fdrl.core.sampler import sample
 from fdrl.core.step import TrainState, make_state, train_step
 from fdrl.data import storage
-from fdrl.data.checkpoint import CorruptCheckpointError, load_checkpoint, save_checkpoint
+from fdrl.data.checkpoint import load_checkpoint, save_checkpoint
 from fdrl.data.images import save_grid
 from fdrl.data.manifest import ShardSet, open_shard_set
 from fdrl.data.prefetch import BatchPrefetcher
 from fdrl.data.source_prior import SourcePrior, check_domains
 from fdrl.data.stream import ShardStream
-from fdrl.distributed.trainer import gather
+from fdrl.distributed.trainer import gather, restore_newest_valid
 
 GRID_SEED_OFFSET = 12345  # grids draw from their own seed, apart from the training stream
 
@@ -102,15 +102,11 @@ def restore(cfg: TrainConfig, state: TrainState, generator: torch.Generator, dev
     """Load the newest valid checkpoint of the run into ``state`` and ``generator``; returns this
     rank's saved state (its data and prior positions), or {} when the run starts fresh. A
     checkpoint that fails its sha256 check is skipped, with a warning, for the one before it."""
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
+    rank_states = restore_newest_valid(storage.join(cfg.storage, cfg.run_name),
+                                       lambda d: load_checkpoint(d, state, device)[1],
+                                       lambda line: _console(f"[rank {rank}] {line}"))
+    if rank_states is None:
         return {}
-    try:
-        with checkpoint.as_directory() as d:
-            _, rank_states = load_checkpoint(d, state, device)
-    except CorruptCheckpointError as err:
-        _console(f"[rank {rank}] warning: {err}; trying the previous checkpoint")
-        rank_states = _restore_older(cfg, checkpoint.path, state, device)
     if len(rank_states) != world:
         raise ValueError(f"checkpoint was written by {len(rank_states)} workers, this run has "
                          f"{world}: resume with --workers {len(rank_states)}")
@@ -119,24 +115,6 @@ def restore(cfg: TrainConfig, state: TrainState, generator: torch.Generator, dev
     torch.set_rng_state(mine["torch"])
     _console(f"[rank {rank}] resumed at step {state.step}, data position {mine['position']}")
     return mine
-
-
-def _restore_older(cfg: TrainConfig, bad: str, state: TrainState, device) -> list[dict]:
-    """The newest checkpoint of the run folder (in its storage) other than ``bad`` that loads."""
-    run_dir = storage.join(cfg.storage, cfg.run_name)
-    for candidate in reversed(storage.glob(run_dir, "checkpoint_[0-9]*")):  # names sort by time
-        if storage.name(candidate) == storage.name(bad):
-            continue
-        fs, inner = storage.filesystem(candidate) if storage.is_uri(candidate) else (None, candidate)
-        try:
-            with ray.train.Checkpoint(inner, filesystem=fs).as_directory() as d:
-                rank_states = load_checkpoint(d, state, device)[1]
-        except CorruptCheckpointError as err:
-            _console(f"warning: skipping a bad checkpoint: {err}")
-            continue
-        _console(f"restored {candidate} instead")
-        return rank_states
-    raise CorruptCheckpointError(f"no valid checkpoint left in {run_dir}")
 
 
 def open_prior(cfg: TrainConfig, shape, rank: int = 0, world: int = 1,

@@ -137,6 +137,36 @@ def gather(obj, world: int) -> list:
     return out
 
 
+def restore_newest_valid(run_dir: str, load: Callable[[str], Any], warn: Callable[[str], None]) -> Any:
+    """``load(folder)`` of the checkpoint Ray Train resumes from (inside a training loop); when it
+    raises ``CorruptCheckpointError``, that of the newest other ``checkpoint_*`` folder of
+    ``run_dir`` that loads. None when the run starts fresh."""
+    from fdrl.data import storage
+    from fdrl.data.checkpoint import CorruptCheckpointError
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    try:
+        with checkpoint.as_directory() as d:
+            return load(d)
+    except CorruptCheckpointError as err:
+        warn(f"warning: {err}; trying the previous checkpoint")
+    for candidate in reversed(storage.glob(run_dir, "checkpoint_[0-9]*")):  # names sort by time
+        if storage.name(candidate) == storage.name(checkpoint.path):
+            continue
+        fs, inner = storage.filesystem(candidate) if storage.is_uri(candidate) else (None, candidate)
+        try:
+            with ray.train.Checkpoint(inner, filesystem=fs).as_directory() as d:
+                loaded = load(d)
+        except CorruptCheckpointError as err:
+            warn(f"warning: skipping a bad checkpoint: {err}")
+            continue
+        warn(f"restored {candidate} instead")
+        return loaded
+    raise CorruptCheckpointError(f"no valid checkpoint left in {run_dir}")
+
+
 def classify(err: BaseException) -> tuple[bool, BaseException, str]:
     """(retry?, the cause, one line naming it) for a failed ``trainer.fit()``. A lost process or
     node among the workers' errors makes the run retryable. When a rank dies, the others fail with

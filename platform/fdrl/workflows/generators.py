@@ -15,7 +15,7 @@ import torch
 
 from fdrl.config import storage_root
 from fdrl.core.generator_nets import build_net
-from fdrl.distributed.gan_worker import GenConfig, gan_loop_per_worker, load_data, net_specs
+from fdrl.distributed.gan_worker import GenConfig, gan_loop_per_worker, load_checkpoint, load_data, net_specs
 
 
 RUN_INFO = "fdrl_gan_run.json"  # in the run folder: the MLflow run id, for resume
@@ -26,8 +26,6 @@ def train_generator(cfg: GenConfig, train_loop=gan_loop_per_worker) -> dict:
     With ``cfg.resume`` the run folder's checkpoints and MLflow run are continued. ``train_loop``
     is the per-worker function (tests wrap it). Returns {"model_uri", "run_id", "version",
     "seconds", "config"}."""
-    from safetensors.torch import load_file
-
     from fdrl.data import storage
     from fdrl.distributed.cluster import connect
     from fdrl.distributed.trainer import RunFailed, TrainerSpec, fit
@@ -38,7 +36,7 @@ def train_generator(cfg: GenConfig, train_loop=gan_loop_per_worker) -> dict:
     cfg.tracking_uri = cfg.tracking_uri or default_tracking_uri()
     cfg.specs = net_specs(cfg)
     name = cfg.register_name or f"{cfg.model}-{cfg.dataset}"
-    root = storage_root(cfg.storage, "generators")
+    root = cfg.storage = storage_root(cfg.storage, "generators")  # the workers' restore reads it
     cfg.run_name = cfg.run_name or (_latest_run(root, name, cfg.seed) if cfg.resume
                                     else f"{name}-s{cfg.seed}-{int(time.time())}")
     info_path = storage.join(root, cfg.run_name, RUN_INFO)
@@ -72,12 +70,10 @@ def train_generator(cfg: GenConfig, train_loop=gan_loop_per_worker) -> dict:
         tracker.end("FAILED")
         raise
     seconds = float(result.metrics["seconds"])  # every attempt's, resumed ones included
+    built = {role: build_net(net_spec) for role, net_spec in cfg.specs.items()}
     with result.checkpoint.as_directory() as d:
-        nets = {}
-        for role, net_spec in cfg.specs.items():
-            net = build_net(net_spec)
-            net.load_state_dict(load_file(f"{d}/{role}.safetensors"))
-            nets[role] = (net_spec, net)
+        load_checkpoint(d, built)
+    nets = {role: (cfg.specs[role], net) for role, net in built.items()}
     kind = "vae" if cfg.model == "vae" else "gan"
     data_shape = (1, 32, 32) if cfg.dataset == "mnist" else (2,)
     info = {"dataset": cfg.dataset, "steps": cfg.steps, "seed": cfg.seed, "loss": cfg.loss,
