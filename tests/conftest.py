@@ -1,6 +1,13 @@
+import os
+
 import pytest
 
 import fdrl  # noqa: F401  (sets the environment defaults before Ray or MLflow start: fdrl/env.py)
+
+# A user's own settings would point the tests at their tracking store, home or Ray cluster: the
+# suite runs on what it starts itself.
+for _name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "FDRL_HOME", "RAY_ADDRESS"):
+    os.environ.pop(_name, None)
 
 # Tests that start Ray, a server or a job process are "integration" tests: the fast lane
 # (./dev test -m "not integration") leaves them out. A test is one if it uses one of these

@@ -60,6 +60,19 @@ def test_extra_potential_enters_the_gradient(net):
     torch.testing.assert_close(pulled, plain - 2 * x)  # grad of |x|^2 is 2x
 
 
+def test_a_bounded_flow_is_the_step_projected_onto_the_box(net):
+    """Each step is taken, then clamped to [-bound, bound]: one step equals the unbounded step
+    clamped, and many steps never leave the box."""
+    pairing = get_pairing("lsif-chi2")
+    x = 0.9 * torch.rand(64, 2).mul(2).sub(1)
+    free = flow(net, x, pairing, 1, 5.0, 0.1, torch.Generator().manual_seed(0))
+    bounded = flow(net, x, pairing, 1, 5.0, 0.1, torch.Generator().manual_seed(0), bound=1.0)
+    assert free.abs().max() > 1  # the test would pass vacuously otherwise
+    torch.testing.assert_close(bounded, free.clamp(-1, 1))
+    long = flow(net, x, pairing, 50, 5.0, 0.1, torch.Generator().manual_seed(0), bound=1.0)
+    assert long.abs().max() <= 1
+
+
 @pytest.mark.parametrize("kwargs,message", [
     (dict(steps=0, eta=1.0, nu=0.0), "K must be an integer >= 1"),
     (dict(steps=2, eta=0.0, nu=0.0), "eta must be > 0"),

@@ -48,6 +48,7 @@ class TrainConfig:
     extra_steps: int = 20  # kappa, extra flow steps when sampling (20 data prior, 10 uniform)
     eta: float = 3.0  # flow step size
     nu: float = 0.01  # flow noise scale
+    flow_bound: float = 0.0  # > 0: flowed samples are clamped to [-bound, bound] each step (0: off)
     # speed (fdrl.core.precision, fdrl.core.acceleration)
     precision: str = "fp32"  # fp32 | bf16: bf16 autocast for the network in the flow and the loss
     channels_last: bool = False  # NHWC conv weights (fast path of oneDNN and cuDNN)

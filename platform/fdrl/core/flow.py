@@ -47,10 +47,13 @@ class FlowSettings:
     eta: float
     nu: float
     precision: str = "fp32"  # fp32 | bf16 (autocast for the network only)
+    bound: float = 0.0  # > 0: each step's x is clamped to [-bound, bound] (the data's box); 0: none
 
     def __post_init__(self):
         check_flow_args(self.flow_steps, self.eta, self.nu)
         check_precision(self.precision)
+        if not self.bound >= 0:
+            raise ValueError(f"flow bound must be >= 0 (0: unbounded), got {self.bound!r}")
         if not isinstance(self.extra_steps, int) or self.extra_steps < 0:
             raise ValueError(f"extra flow steps kappa must be an integer >= 0, got {self.extra_steps!r}")
 
@@ -60,10 +63,11 @@ class FlowSettings:
 
     @classmethod
     def from_config(cls, config, **overrides) -> "FlowSettings":
-        """From any object with flow_steps, extra_steps, eta and nu (and optionally precision);
-        None overrides are ignored."""
+        """From any object with flow_steps, extra_steps, eta and nu (and optionally precision and
+        flow_bound); None overrides are ignored."""
         base = dict(flow_steps=config.flow_steps, extra_steps=config.extra_steps,
-                    eta=config.eta, nu=config.nu, precision=getattr(config, "precision", "fp32"))
+                    eta=config.eta, nu=config.nu, precision=getattr(config, "precision", "fp32"),
+                    bound=getattr(config, "flow_bound", 0.0))
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**base)
 
@@ -100,6 +104,7 @@ def flow(
     extra_potential: Optional[Potential] = None,
     return_log_r: bool = False,
     precision: str = "fp32",
+    bound: float = 0.0,
 ):
     """Run ``steps`` flow steps from ``x``; returns the flowed batch (detached, a new tensor).
 
@@ -107,6 +112,7 @@ def flow(
     log r(x_k) for k = 0..steps: the KL diagnostic of the DGGF paper along the flow.
     ``net`` runs in eval mode for the duration and its previous mode is restored.
     ``precision`` is the network's (``fdrl.core.precision``); x, the step and the noise are fp32.
+    ``bound`` > 0 clamps x to [-bound, bound] after every step.
     """
     check_flow_args(steps, eta, nu)
     check_precision(precision)
@@ -134,6 +140,8 @@ def flow(
                 # so it is scaled into our own buffer, never in place.
                 torch.mul(grad, eta, out=drift)
                 x.sub_(drift).add_(noise.mul_(nu))
+                if bound:
+                    x.clamp_(-bound, bound)
         if return_log_r:
             with torch.no_grad():
                 log_r_means.append(pairing.log_r(network_output(net, x, precision)).mean())

@@ -52,7 +52,7 @@ def sample_chunk(net: nn.Module, pairing: Pairing, flow_settings: FlowSettings, 
         if mark > done:
             x, segment = flow(net, x, pairing, mark - done, flow_settings.eta, flow_settings.nu,
                               gen, extra_potential, return_log_r=True,
-                              precision=flow_settings.precision)
+                              precision=flow_settings.precision, bound=flow_settings.bound)
             traces.append(segment if not traces else segment[1:])
             done = mark
         if mark in record:

@@ -82,7 +82,7 @@ def train_step(state: TrainState, data: torch.Tensor, prior: Prior, pairing: Pai
     x0 = prior.sample(batch, generator, device=data.device)
     # Each worker flows its own batch through the plain module: no DDP hooks, no all-reduce.
     x_flowed = run_flow(state.module, x0, pairing, flow.flow_steps, flow.eta, flow.nu, generator,
-                        precision=flow.precision)
+                        precision=flow.precision, bound=flow.bound)
     x_data = dequantize(data, dequant_std, generator)
 
     state.model.train()
