@@ -108,3 +108,39 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, ray_cluster, hook
     steps = [m.step for m in client.get_metric_history(resumed["run_id"], "critic_loss")]
     assert sorted(set(steps)) == [1, 2, 3, 4, 5, 6]
     assert [steps.count(k) for k in (2, 3, 4, 5, 6)] == [1, 2, 2, 2, 1]
+
+
+def _write_gan_checkpoint(folder, nets, manifest: bool):
+    from safetensors.torch import save_file
+
+    from fdrl.data.checkpoint import write_manifest
+    from fdrl.distributed.gan_worker import checkpoint_files
+
+    folder.mkdir()
+    for role, net in nets.items():
+        save_file(net.state_dict(), str(folder / f"{role}.safetensors"))
+    torch.save({"step": 7, "rank_states": []}, folder / "state.pt")
+    if manifest:
+        write_manifest(folder, 7, checkpoint_files(nets))
+
+
+@pytest.mark.parametrize("manifest", [True, False])
+def test_a_torn_gan_checkpoint_is_refused_and_an_intact_one_loads(tmp_path, manifest):
+    """With a manifest a torn file fails its sha256 check; a checkpoint of an earlier release
+    (no manifest) counts only if every file loads."""
+    from fdrl.data.checkpoint import CorruptCheckpointError
+    from fdrl.distributed.gan_worker import load_checkpoint
+
+    torch.manual_seed(0)
+    nets = {"generator": torch.nn.Linear(2, 2), "discriminator": torch.nn.Linear(2, 1)}
+    _write_gan_checkpoint(tmp_path / "good", nets, manifest)
+    fresh = {"generator": torch.nn.Linear(2, 2), "discriminator": torch.nn.Linear(2, 1)}
+    assert load_checkpoint(str(tmp_path / "good"), fresh)["step"] == 7
+    assert torch.equal(fresh["generator"].weight, nets["generator"].weight)
+
+    _write_gan_checkpoint(tmp_path / "torn", nets, manifest)
+    weights = tmp_path / "torn" / "generator.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(CorruptCheckpointError, match="generator.safetensors has sha256" if manifest
+                       else "no manifest"):
+        load_checkpoint(str(tmp_path / "torn"), fresh)

@@ -13,6 +13,8 @@ the same random stream and ends at the weights of an uninterrupted run.
 
 from __future__ import annotations
 
+import os
+import pickle
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -25,7 +27,7 @@ from fdrl.config import check_model_name
 from fdrl.core.gan import LOSSES, critic_loss, generator_loss, vae_loss
 from fdrl.core.generator_nets import build_net
 from fdrl.data import storage
-from fdrl.data.checkpoint import verify_checkpoint, write_manifest
+from fdrl.data.checkpoint import MANIFEST, CorruptCheckpointError, verify_checkpoint, write_manifest
 from fdrl.distributed.trainer import gather, restore_newest_valid
 
 DATASETS = ("25gaussians", "swissroll", "mnist")
@@ -197,13 +199,22 @@ def checkpoint_files(nets) -> list[str]:
 
 
 def load_checkpoint(ckpt_dir: str, nets) -> dict:
-    """Verify the manifest, load the nets in place; returns the state blob."""
+    """Verify the manifest, load the nets in place; returns the state blob. A checkpoint of an
+    earlier release has no manifest at all: it counts if every file loads."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    verify_checkpoint(ckpt_dir, checkpoint_files(nets))
-    for role, net in nets.items():
-        net.load_state_dict(load_file(f"{ckpt_dir}/{role}.safetensors"))
-    return torch.load(f"{ckpt_dir}/state.pt", weights_only=True)
+    legacy = not os.path.exists(os.path.join(ckpt_dir, MANIFEST))
+    if not legacy:
+        verify_checkpoint(ckpt_dir, checkpoint_files(nets))
+    try:
+        for role, net in nets.items():
+            net.load_state_dict(load_file(f"{ckpt_dir}/{role}.safetensors"))
+        return torch.load(f"{ckpt_dir}/state.pt", weights_only=True)
+    except (OSError, RuntimeError, SafetensorError, pickle.UnpicklingError) as err:
+        if not legacy:
+            raise
+        raise CorruptCheckpointError(f"checkpoint {ckpt_dir} (no manifest) does not load: {err}") from None
 
 
 def restore(cfg: GenConfig, nets, opts, gen, rank, world) -> tuple[int, float]:
