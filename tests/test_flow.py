@@ -73,6 +73,19 @@ def test_a_bounded_flow_is_the_step_projected_onto_the_box(net):
     assert long.abs().max() <= 1
 
 
+def test_a_models_flow_bound_comes_from_its_config_and_bounds_its_samples(net):
+    from fdrl.config import TrainConfig
+    from fdrl.core.flow import FlowSettings
+    from fdrl.core.sampler import sample
+
+    settings = FlowSettings.from_config(TrainConfig(flow_steps=5, extra_steps=5, eta=5.0, flow_bound=1.0))
+    assert settings.bound == 1.0 and FlowSettings.from_config(TrainConfig()).bound == 0.0
+    out = sample(net, get_pairing("lsif-chi2"), settings, seed=0, start=torch.rand(64, 2) * 2 - 1)
+    assert out.x.abs().max() <= 1
+    with pytest.raises(ValueError, match="flow bound must be >= 0"):
+        FlowSettings(flow_steps=1, extra_steps=0, eta=1.0, nu=0.0, bound=-1.0)
+
+
 @pytest.mark.parametrize("kwargs,message", [
     (dict(steps=0, eta=1.0, nu=0.0), "K must be an integer >= 1"),
     (dict(steps=2, eta=0.0, nu=0.0), "eta must be > 0"),
