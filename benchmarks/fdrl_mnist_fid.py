@@ -15,6 +15,7 @@ computes what is new.
 import fdrl  # noqa: F401
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -69,6 +70,8 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0, help="sampling seed and real-subset permutation seed")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--flow-bound", type=float, default=None,
+                   help="sample with this flow bound instead of the run's own (0: unbounded)")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -97,18 +100,21 @@ def main(argv=None):
         if missing:
             print(f"{run_dir.name}: no checkpoint at steps {missing} (have {sorted(found)})", flush=True)
         for step in wanted:
-            key = f"{run_dir.name}/{step}"
+            name = run_dir.name if args.flow_bound is None else f"{run_dir.name}+bound{args.flow_bound:g}"
+            key = f"{name}/{step}"
             if key in results:
                 print(key, json.dumps(results[key]), flush=True)
                 continue
             start = time.perf_counter()
             _, net, prior, cfg, pairing, flow = load_run_checkpoint(found[step])
+            if args.flow_bound is not None:
+                flow = dataclasses.replace(flow, bound=args.flow_bound)
             s = sample(net, pairing, flow, args.n, args.seed, prior=prior, record=[flow.flow_steps], trace=True)
             x = s.x.clamp(-1, 1)
-            grid = args.out / f"grid-{run_dir.name}-{step}.png"
+            grid = args.out / f"grid-{name}-{step}.png"
             save_grid(x[:64], grid, nrow=8)
             sample_seconds = time.perf_counter() - start
-            stats = cached_stats(cache, f"{run_dir.name}-{step}-n{args.n}-s{args.seed}",
+            stats = cached_stats(cache, f"{name}-{step}-n{args.n}-s{args.seed}",
                                  lambda: feature_stats(features, x.split(100)))
             kid_mean, kid_std = kid_of(stats, ref_a)
             curve = s.log_r.tolist()
