@@ -70,7 +70,7 @@ def test_sample_to_dir_writes_samples_and_grid(ray_cluster, registered, tmp_path
     assert -1 <= samples.min() and samples.max() <= 1
     assert (tmp_path / "out" / "grid.png").stat().st_size > 0
     assert summary["flow"] == {"flow_steps": 2, "extra_steps": 2, "eta": 3.0, "nu": 0.01,
-                               "precision": "fp32"}
+                               "precision": "fp32", "bound": 0.0}
     assert summary["images_per_s"] == pytest.approx(summary["n"] / summary["seconds"])
 
 
