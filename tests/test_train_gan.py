@@ -111,17 +111,14 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, ray_cluster, hook
 
 
 def _write_gan_checkpoint(folder, nets, manifest: bool):
-    from safetensors.torch import save_file
-
-    from fdrl.data.checkpoint import write_manifest
-    from fdrl.distributed.gan_worker import checkpoint_files
+    """The production writer; without ``manifest``, a checkpoint as an earlier release wrote it."""
+    from fdrl.data.checkpoint import MANIFEST
+    from fdrl.distributed.gan_worker import save_checkpoint
 
     folder.mkdir()
-    for role, net in nets.items():
-        save_file(net.state_dict(), str(folder / f"{role}.safetensors"))
-    torch.save({"step": 7, "rank_states": []}, folder / "state.pt")
-    if manifest:
-        write_manifest(folder, 7, checkpoint_files(nets))
+    save_checkpoint(str(folder), nets, {"step": 7, "rank_states": []})
+    if not manifest:
+        (folder / MANIFEST).unlink()
 
 
 @pytest.mark.parametrize("manifest", [True, False])

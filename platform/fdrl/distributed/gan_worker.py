@@ -174,22 +174,15 @@ def gan_loop_per_worker(config: dict) -> None:
 
 
 def report(nets, opts, gen, step, metrics, rank, world) -> None:
-    """Report ``metrics`` with a checkpoint: weights (safetensors), optimiser states, the step and
-    every rank's RNG states (gathered to rank 0), so that a restart continues the same stream. The
-    sha256 manifest of ``fdrl.data.checkpoint``, written last, marks it complete."""
-    from safetensors.torch import save_file
-
+    """Report ``metrics`` with a checkpoint (``save_checkpoint``) holding every rank's RNG states
+    (gathered to rank 0), so that a restart continues the same stream."""
     ranks = gather({"generator": gen.get_state(), "torch": torch.get_rng_state()}, world)
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = None
         if rank == 0:
-            for role, net in nets.items():
-                save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()},
-                          f"{tmp}/{role}.safetensors")
-            torch.save({"optimizers": {k: o.state_dict() for k, o in opts.items()}, "step": step,
-                        "seconds": metrics.get("seconds", 0.0), "rank_states": ranks},
-                       f"{tmp}/state.pt")
-            write_manifest(tmp, step, checkpoint_files(nets))
+            save_checkpoint(tmp, nets, {"optimizers": {k: o.state_dict() for k, o in opts.items()},
+                                        "step": step, "seconds": metrics.get("seconds", 0.0),
+                                        "rank_states": ranks})
             ckpt = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report({**metrics, "step": step}, checkpoint=ckpt)
 
@@ -198,22 +191,35 @@ def checkpoint_files(nets) -> list[str]:
     return [f"{role}.safetensors" for role in nets] + ["state.pt"]
 
 
+def save_checkpoint(folder: str, nets, state: dict) -> None:
+    """The nets' weights (safetensors), ``state`` (optimisers, step, ...; ``torch.load``-safe) and,
+    written last to mark the checkpoint complete, the sha256 manifest of ``fdrl.data.checkpoint``."""
+    from safetensors.torch import save_file
+
+    for role, net in nets.items():
+        save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()},
+                  f"{folder}/{role}.safetensors")
+    torch.save(state, f"{folder}/state.pt")
+    write_manifest(folder, state["step"], checkpoint_files(nets))
+
+
 def load_checkpoint(ckpt_dir: str, nets) -> dict:
     """Verify the manifest, load the nets in place; returns the state blob. A checkpoint of an
     earlier release has no manifest at all: it counts if every file loads."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    legacy = not os.path.exists(os.path.join(ckpt_dir, MANIFEST))
-    if not legacy:
-        verify_checkpoint(ckpt_dir, checkpoint_files(nets))
-    try:
+    def load() -> dict:
         for role, net in nets.items():
             net.load_state_dict(load_file(f"{ckpt_dir}/{role}.safetensors"))
         return torch.load(f"{ckpt_dir}/state.pt", weights_only=True)
+
+    if os.path.exists(os.path.join(ckpt_dir, MANIFEST)):
+        verify_checkpoint(ckpt_dir, checkpoint_files(nets))
+        return load()
+    try:
+        return load()
     except (OSError, RuntimeError, SafetensorError, pickle.UnpicklingError) as err:
-        if not legacy:
-            raise
         raise CorruptCheckpointError(f"checkpoint {ckpt_dir} (no manifest) does not load: {err}") from None
 
 
